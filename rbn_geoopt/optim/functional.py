@@ -1,0 +1,193 @@
+r"""Functional cores: one optimizer step over lists of tensors, in the style of ``torch.optim``.
+
+``sgdg`` and ``adamg`` step manifold parameters with the per-point kernels of
+:mod:`rbn_geoopt.optim.kernels`, one tensor at a time (the straightforward path; a
+multi-tensor fast path may replace them later and is compared against them). Half-precision
+parameters are stepped in float32 and stored back; their state is float32.
+
+``euclidean_sgd`` and ``euclidean_adam`` are torch's own functional cores
+(``torch.optim.sgd.sgd``, ``torch.optim.adam.adam``) called exactly as ``torch.optim.SGD``
+and ``torch.optim.Adam`` call them, so plain parameters follow torch bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from geoopt.manifolds.base import Manifold
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
+
+from .kernels import (
+    adamg_point_step,
+    clip_per_point,
+    riemannian_grad,
+    sgdg_point_step,
+    working_dtype,
+)
+
+__all__ = ["adamg", "euclidean_adam", "euclidean_sgd", "sgdg"]
+
+
+def _working(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a float32 copy when it is half precision."""
+    return t.to(working_dtype(t.dtype))
+
+
+def _clipped_rgrad(
+    manifold: Manifold,
+    y: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    weight_decay: float,
+    grad_clip: float | None,
+    omega: float,
+) -> torch.Tensor:
+    h = riemannian_grad(manifold, y, _working(grad), weight_decay=weight_decay, omega=omega)
+    if grad_clip is not None:
+        h = clip_per_point(manifold, y, h, grad_clip)
+    return h
+
+
+def sgdg(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    manifolds: list[Manifold],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    grad_clip: float | None,
+    omega: float,
+) -> None:
+    """SGD-G on manifold parameters, in place.
+
+    ``momentum_buffers[i]`` is the transported last step ``tau`` of ``params[i]`` (None
+    before its first step: a new buffer is put in the list when ``momentum != 0``).
+    """
+    for i, (param, grad, manifold) in enumerate(zip(params, grads, manifolds, strict=True)):
+        y = _working(param)
+        h = _clipped_rgrad(
+            manifold, y, grad, weight_decay=weight_decay, grad_clip=grad_clip, omega=omega
+        )
+        tau = momentum_buffers[i] if momentum != 0 else None
+        new_y, new_tau = sgdg_point_step(manifold, y, h, tau, lr=lr, momentum=momentum)
+        param.copy_(new_y)
+        if new_tau is None:
+            continue
+        if tau is None:
+            momentum_buffers[i] = new_tau.clone(memory_format=torch.contiguous_format)
+        else:
+            tau.copy_(new_tau)
+
+
+def adamg(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    manifolds: list[Manifold],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip: float | None,
+    omega: float,
+) -> None:
+    """Adam-G on manifold parameters, in place (state tensors initialized by the caller).
+
+    ``exp_avgs[i]`` is the tangent first moment, ``exp_avg_sqs[i]`` one second-moment
+    scalar per point (keepdim shape), ``state_steps[i]`` a scalar tensor step counter.
+    """
+    for param, grad, exp_avg, exp_avg_sq, step_t, manifold in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, manifolds, strict=True
+    ):
+        y = _working(param)
+        h = _clipped_rgrad(
+            manifold, y, grad, weight_decay=weight_decay, grad_clip=grad_clip, omega=omega
+        )
+        step_t += 1
+        new_y, new_m = adamg_point_step(
+            manifold,
+            y,
+            h,
+            exp_avg,
+            exp_avg_sq,
+            step=step_t.item(),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+        )
+        param.copy_(new_y)
+        exp_avg.copy_(new_m)
+
+
+def euclidean_sgd(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffer_list: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    foreach: bool | None,
+) -> None:
+    """``torch.optim.SGD``'s step, via torch's own functional core ``torch.optim.sgd.sgd``."""
+    _torch_sgd(
+        params,
+        grads,
+        momentum_buffer_list,
+        has_sparse_grad=False,
+        foreach=foreach,
+        fused=None,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=dampening,
+        nesterov=nesterov,
+        maximize=False,
+    )
+
+
+def euclidean_adam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    foreach: bool | None,
+) -> None:
+    """``torch.optim.Adam``'s step, via torch's own functional core ``torch.optim.adam.adam``."""
+    _torch_adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        state_steps,
+        foreach=foreach,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        has_complex=any(torch.is_complex(p) for p in params),
+        decoupled_weight_decay=False,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=False,
+    )
