@@ -1,0 +1,256 @@
+"""Follow one weight's output rows through a traced graph to the BatchNorms they reach.
+
+The state carried along is a *channel-id tensor* laid out like the activation: at each
+position, the weight row that produced it (``-1``: another source). :mod:`._ops` says how each
+node maps it; a BatchNorm ends a path after checking that each of its channels is fed by one
+row only, and records that row per channel (the conversion rescales the running statistics
+with it). Any blocking node stops the walk with a reason (:class:`._ops.Blocked`).
+
+Without recorded shapes (no ``example_inputs``) the ids are *collapsed*: size 1 on every
+dimension but the channel one, a k-d convolution's output is taken as batched
+``(1, C, 1, ..., 1)`` and a linear output as ``(1, C)``; channel counts of other tensors
+entering a concatenation come from layer attributes (:meth:`Propagation.static_channels`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+from ._ops import (
+    BATCHNORM_RANKS,
+    BatchNormOp,
+    Blocked,
+    Cat,
+    Other,
+    ShapeQuery,
+    Unary,
+    classify,
+    describe,
+)
+from ._trace import node_shape
+
+__all__ = ["CONV_FUNCTIONS", "CONV_MODULES", "Outcome", "Propagation", "arg", "fetch"]
+
+CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_SUM_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+
+
+@dataclass
+class _State:
+    ids: torch.Tensor  # which row feeds each position (-1: another source)
+    affine: bool  # a bias is still riding on the values
+
+
+@dataclass
+class Outcome:
+    complete: bool
+    reason: str
+    bias_issue: str | None = None
+    hits: list[tuple[str, nn.Module, torch.Tensor]] = field(default_factory=list)
+
+
+def fetch(gm: torch.fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def arg(node: Node, index: int, name: str) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+class Propagation:
+    """Follows the rows of one weight through the graph (all its uses at once)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, shapes: bool) -> None:
+        self.gm = gm
+        self.shapes = shapes
+        self.modules = dict(gm.named_modules())
+        calls = Counter()
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[id(self.modules[node.target])] += 1
+        self.calls = calls
+        self._channels: dict[Node, int | None] = {}
+
+    # ----------------------------------------------------------------- seeds
+    def seed(self, node: Node, rows: int, conv_dims: int) -> torch.Tensor:
+        """Row ids at the layer output: channel dim -(k+1) for a k-d conv, -1 for linear."""
+        trailing = (1,) * conv_dims
+        ids = torch.arange(rows, dtype=torch.int32).reshape((rows,) + trailing)
+        shape = node_shape(node) if self.shapes else None
+        if shape is None:
+            if self.shapes:
+                raise Blocked(f"no shape was recorded for {describe(node, self.modules)}")
+            return ids.unsqueeze(0)
+        if len(shape) < conv_dims + 1 or shape[-(conv_dims + 1)] != rows:
+            raise Blocked(f"{describe(node, self.modules)} has an unexpected output shape")
+        return ids.expand(shape)
+
+    # ------------------------------------------------------------- channels
+    def static_channels(self, node: Any) -> int | None:
+        """Dim-1 size of ``node``'s output from layer attributes (no shapes), or None."""
+        if not isinstance(node, Node):
+            return None
+        if node not in self._channels:
+            self._channels[node] = None  # guards against cycles
+            self._channels[node] = self._static_channels(node)
+        return self._channels[node]
+
+    def _static_channels(self, node: Node) -> int | None:
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            kind = type(module)
+            if kind in CONV_MODULES:
+                return module.out_channels
+            if kind is nn.Linear:
+                return module.out_features
+            if kind in BATCHNORM_RANKS:
+                return module.num_features
+        if node.op == "call_function":
+            if node.target in CONV_FUNCTIONS or node.target is F.linear:
+                weight = arg(node, 1, "weight")
+                if isinstance(weight, Node) and weight.op == "get_attr":
+                    return int(fetch(self.gm, weight.target).shape[0])
+                return None
+            if node.target in _SUM_FUNCTIONS:
+                first = self.static_channels(node.args[0])
+                return first if first is not None else self.static_channels(node.args[1])
+        op = classify(node, self.modules)
+        if isinstance(op, Unary) and op.keeps_channels:
+            return self.static_channels(arg(node, op.data_index, "input"))
+        if isinstance(op, Cat) and op.dim in (1,):
+            sizes = [self.static_channels(t) for t in op.tensors]
+            return None if None in sizes else sum(sizes)
+        return None
+
+    # ------------------------------------------------------------------- run
+    def run(self, seeds: dict[Node, torch.Tensor], affine: dict[Node, bool]) -> Outcome:
+        states = {node: _State(ids, affine[node]) for node, ids in seeds.items()}
+        outcome = Outcome(complete=True, reason="")
+        try:
+            for node in self.gm.graph.nodes:
+                if any(a in states for a in node.all_input_nodes):
+                    self._step(node, seeds, states, outcome)
+        except Blocked as exc:
+            outcome.complete = False
+            outcome.reason = str(exc)
+        return outcome
+
+    def _step(self, node: Node, seeds, states: dict[Node, _State], outcome: Outcome) -> None:
+        if node in seeds:
+            raise Blocked(f"its output feeds {describe(node, self.modules)}, another use of it")
+        if node.op == "output":
+            raise Blocked("its output reaches the model output without a BatchNorm")
+        op = classify(node, self.modules)
+        if isinstance(op, ShapeQuery):
+            return
+        if isinstance(op, Other):
+            raise Blocked(f"its output reaches {op.label} before any BatchNorm")
+        if isinstance(op, Cat):
+            states[node] = self._cat(node, op, states)
+            return
+        data = arg(node, op.data_index if isinstance(op, Unary) else 0, "input")
+        tracked = [a for a in _flat_nodes(node) if a in states]
+        if data not in states or len(tracked) > 1:
+            raise Blocked(f"its output is combined with another tensor at {op.label}")
+        state = states[data]
+        if isinstance(op, BatchNormOp):
+            outcome.hits.append(self._batchnorm(node, op, state))
+            return
+        try:
+            ids = op.transform(state.ids, self._shape(node))
+        except Blocked as exc:
+            raise Blocked(f"at {op.label}: {exc}") from None
+        except (IndexError, RuntimeError, TypeError, ValueError) as exc:
+            hint = "" if self.shapes else " (layout assumed: pass example_inputs=... to check)"
+            raise Blocked(f"at {op.label}: cannot follow the layout: {exc}{hint}") from None
+        affine = state.affine
+        if affine and not op.affine_ok:
+            if outcome.bias_issue is None:
+                outcome.bias_issue = (
+                    f"its bias passes through {op.label} before the BatchNorm (a bias only "
+                    "passes when it feeds the BatchNorm directly)"
+                )
+            affine = False
+        states[node] = _State(ids, affine)
+
+    def _shape(self, node: Node) -> tuple[int, ...] | None:
+        if not self.shapes:
+            return None
+        shape = node_shape(node)
+        if shape is None:
+            raise Blocked(f"no shape was recorded for {describe(node, self.modules)}")
+        return shape
+
+    def _cat(self, node: Node, op: Cat, states: dict[Node, _State]) -> _State:
+        tracked = [t for t in op.tensors if isinstance(t, Node) and t in states]
+        if not tracked or any(a in states for a in _flat_nodes(node) if a not in op.tensors):
+            raise Blocked(f"its output is combined with another tensor at {op.label}")
+        ref = states[tracked[0]].ids
+        rank = ref.dim()
+        if not isinstance(op.dim, int) or not -rank <= op.dim < rank:
+            raise Blocked(f"{op.label} concatenates along an unknown dimension")
+        dim = op.dim % rank
+        pieces = []
+        for t in op.tensors:
+            if isinstance(t, Node) and t in states:
+                pieces.append(states[t].ids)
+                continue
+            if self.shapes:
+                shape = node_shape(t) if isinstance(t, Node) else None
+                if shape is None:
+                    raise Blocked(f"no shape was recorded for an input of {op.label}")
+            else:
+                size = self.static_channels(t) if dim == 1 else 1
+                if size is None:
+                    raise Blocked(
+                        f"cannot tell how many channels {describe(t, self.modules)} adds at "
+                        f"{op.label}: pass example_inputs=..."
+                    )
+                shape = ref.shape[:dim] + (size,) + ref.shape[dim + 1 :]
+            pieces.append(torch.full(tuple(shape), -1, dtype=ref.dtype))
+        try:
+            ids = torch.cat(pieces, dim)
+        except RuntimeError as exc:
+            raise Blocked(f"the inputs of {op.label} do not line up: {exc}") from None
+        affine = any(states[t].affine for t in tracked)
+        return _State(ids, affine)
+
+    def _batchnorm(self, node: Node, op: BatchNormOp, state: _State):
+        module = op.module
+        if self.calls[id(module)] > 1:
+            raise Blocked(f"{op.label} is called more than once (its statistics mix inputs)")
+        ids = state.ids
+        ranks = BATCHNORM_RANKS[type(module)]
+        if ids.dim() not in ranks:
+            raise Blocked(f"{op.label} would normalise a {ids.dim()}-D layout of it")
+        channels = module.num_features
+        if ids.shape[1] != channels:
+            raise Blocked(
+                f"{op.label} has {channels} channels where the traced layout has {ids.shape[1]} "
+                "(a flatten/reshape changes them: pass example_inputs=... to check it)"
+            )
+        flat = ids.movedim(1, 0).reshape(channels, -1)
+        rows = flat[:, 0]
+        if not bool((flat == rows[:, None]).all()):
+            raise Blocked(f"a channel of {op.label} is fed by more than one row")
+        return node.target, module, rows.long()
+
+
+def _flat_nodes(node: Node) -> list[Node]:
+    """Every node occurrence in ``node``'s args and kwargs (repeats kept)."""
+    found: list[Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found

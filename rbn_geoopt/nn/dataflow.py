@@ -1,0 +1,287 @@
+"""Find the weights whose rows are scale invariant, from the model's traced dataflow.
+
+Row ``i`` of a conv/linear weight ``W`` is scale invariant when every path from output
+channel ``i`` reaches a BatchNorm channel through operations ``f`` with ``f(a z) = a f(z)``
+(``a > 0``, channel by channel) and nothing is added to or multiplied into it on the way
+(DESIGN.md section 4). Then ``BN(layer_{a W}(x)) == BN(layer_W(x))`` for every per-row scale
+``a > 0``, and the rows are points of G(1, n). A bias that feeds the BatchNorm directly is
+removed by the BN mean; a bias followed by ReLU is not.
+
+>>> import torch.nn as nn
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+>>> {name: f.invariant for name, f in find_scale_invariant(net).items()}
+{'0.weight': True, '3.weight': False}
+>>> find_scale_invariant(net)["3.weight"].reason
+'its output reaches the model output without a BatchNorm'
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import geoopt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from ..manifold import Grassmann1
+from ._ops import Blocked, describe
+from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Propagation, arg, fetch
+from ._trace import propagate_shapes, trace
+
+__all__ = ["Finding", "Plan", "analyse", "find_scale_invariant", "is_grassmann1"]
+
+_TRANSPOSED_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TRANSPOSED_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What the dataflow analysis found about one weight (``find_scale_invariant``).
+
+    ``invariant``: every output row reaches BatchNorm channels only through operations that
+    commute with positive scaling (over all the weight's uses). ``reason`` says why or why
+    not. ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n`` (``W`` is ``p`` points of
+    G(1, n)). ``tied``: the same Parameter is used more than once (several modules or
+    calls). ``converted``: already a ``ManifoldParameter`` on :class:`Grassmann1`.
+    ``batchnorms``: the BatchNorm modules its rows reach. ``manifold``: the name of another
+    manifold the weight is already on (then it is left alone).
+
+    >>> f = find_scale_invariant(nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4)))["0.weight"]
+    >>> f.invariant, f.wide, f.selected(), f.selected(all_shapes=True)
+    (True, False, False, True)
+    """
+
+    name: str
+    invariant: bool
+    reason: str
+    rows: int
+    row_length: int
+    tied: bool = False
+    converted: bool = False
+    batchnorms: tuple[str, ...] = ()
+    manifold: str | None = None
+
+    @property
+    def wide(self) -> bool:
+        """Fan-out smaller than fan-in (``p < n``): the paper's condition for G(1, n)."""
+        return self.rows < self.row_length
+
+    def selected(self, all_shapes: bool = False) -> bool:
+        """Whether ``to_grassmann(all_shapes=...)`` puts this weight on G(1, n) by itself."""
+        if self.converted:
+            return True
+        return (
+            self.invariant
+            and not self.tied
+            and self.manifold is None
+            and self.row_length >= 2
+            and (all_shapes or self.wide)
+        )
+
+    def __str__(self) -> str:
+        tags = [f"{self.rows}x{self.row_length}"]
+        tags += ["tied"] * self.tied + ["converted"] * self.converted
+        verdict = "scale invariant" if self.invariant else "not scale invariant"
+        return f"{self.name} [{', '.join(tags)}]: {verdict}: {self.reason}"
+
+
+@dataclass
+class _Use:
+    """One use of a parameter in the graph: as the rows of a conv/linear, its bias, other."""
+
+    node: Node
+    role: str  # "rows", "bias" or "other"
+    why: str = ""
+    conv_dims: int = 0  # k of a k-d convolution; 0 for linear
+    bias: nn.Parameter | None = None
+
+
+@dataclass
+class Plan:
+    """How to convert one weight while keeping the model's outputs (internal)."""
+
+    param: nn.Parameter
+    places: list[tuple[nn.Module, str]]
+    biases: list[nn.Parameter] = field(default_factory=list)
+    #: (BatchNorm module, row feeding each of its channels, -1 for none); None: unknown
+    batchnorms: list[tuple[nn.Module, torch.Tensor]] | None = None
+
+
+def _places(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every (name, owning module, attribute) under which each parameter object lives."""
+    places: dict[int, list[tuple[str, nn.Module, str]]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        prefix, _, attr = name.rpartition(".")
+        places[id(param)].append((name, model.get_submodule(prefix), attr))
+    return places
+
+
+def _functional_uses(node: Node, user: Node, modules: dict[str, nn.Module], gm) -> _Use:
+    """How ``user`` uses the parameter fetched by the get_attr ``node``."""
+    label = describe(user, modules)
+    row_fn = user.op == "call_function" and (
+        user.target in CONV_FUNCTIONS or user.target is F.linear
+    )
+    if row_fn and arg(user, 1, "weight") is node:
+        bias = arg(user, 2, "bias")
+        if isinstance(bias, Node) and bias.op != "get_attr":
+            return _Use(user, "other", f"the bias given to {label} is computed in forward")
+        param = fetch(gm, bias.target) if isinstance(bias, Node) else None
+        return _Use(user, "rows", conv_dims=CONV_FUNCTIONS.get(user.target, 0), bias=param)
+    if row_fn and arg(user, 2, "bias") is node:
+        return _Use(user, "bias")
+    if user.op == "call_function" and user.target in _TRANSPOSED_FUNCTIONS:
+        return _Use(user, "other", f"{label} is a transposed convolution (rows are inputs)")
+    return _Use(user, "other", f"it is used by {label}")
+
+
+def _param_uses(gm: GraphModule, modules: dict[str, nn.Module]) -> dict[int, list]:
+    uses: dict[int, list[_Use]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = modules[node.target]
+            label = describe(node, modules)
+            kind = type(module)
+            rows_layer = kind in CONV_MODULES or kind is nn.Linear
+            for pname, param in module.named_parameters(remove_duplicate=False):
+                if rows_layer and pname == "weight":
+                    dims = CONV_MODULES.get(kind, 0)
+                    uses[id(param)].append(_Use(node, "rows", conv_dims=dims, bias=module.bias))
+                elif rows_layer and pname == "bias":
+                    uses[id(param)].append(_Use(node, "bias"))
+                elif isinstance(module, _TRANSPOSED_MODULES):
+                    why = f"{label} is a transposed convolution: its rows (dim 0) are inputs"
+                    uses[id(param)].append(_Use(node, "other", why))
+                else:
+                    uses[id(param)].append(_Use(node, "other", f"it is used by {label}"))
+        elif node.op == "get_attr":
+            value = fetch(gm, node.target)
+            if isinstance(value, nn.Parameter):
+                for user in node.users:
+                    uses[id(value)].append(_functional_uses(node, user, modules, gm))
+    return uses
+
+
+def _manifold_name(param: nn.Parameter) -> str | None:
+    """The manifold of an already-manifold parameter other than Grassmann1 / Euclidean."""
+    if isinstance(param, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)):
+        manifold = param.manifold
+        if not isinstance(manifold, (Grassmann1, geoopt.Euclidean)):
+            return type(manifold).__name__
+    return None
+
+
+def is_grassmann1(param: torch.Tensor) -> bool:
+    """True for a ``ManifoldParameter`` / ``ManifoldTensor`` on :class:`Grassmann1`."""
+    return isinstance(param, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)) and isinstance(
+        param.manifold, Grassmann1
+    )
+
+
+def analyse(
+    model: nn.Module,
+    *,
+    example_inputs: Any = None,
+    leaf_modules: Iterable[str] = (),
+) -> tuple[dict[str, Finding], dict[str, Plan]]:
+    """Findings for every weight of >= 2 dims, and how to convert each (internal)."""
+    gm = trace(model, leaf_modules)
+    shapes = example_inputs is not None
+    if shapes:
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        propagate_shapes(gm, model, inputs)
+    prop = Propagation(gm, shapes)
+    uses = _param_uses(gm, prop.modules)
+    places = _places(model)
+    findings: dict[str, Finding] = {}
+    plans: dict[str, Plan] = {}
+    for name, param in model.named_parameters():
+        if isinstance(param, nn.parameter.UninitializedParameter) or param.dim() < 2:
+            continue
+        p_uses = uses.get(id(param), [])
+        plan = Plan(param, [(m, a) for _, m, a in places[id(param)]])
+        info = dict(
+            name=name,
+            rows=int(param.shape[0]),
+            row_length=math.prod(param.shape[1:]),
+            tied=len(p_uses) > 1 or len(places[id(param)]) > 1,
+            converted=is_grassmann1(param),
+            manifold=_manifold_name(param),
+        )
+        plan.biases = _unique(u.bias for u in p_uses if u.role == "rows" and u.bias is not None)
+        verdict = _verdict(param, p_uses, plan, uses, prop)
+        findings[name] = Finding(**info, **verdict)
+        plans[name] = plan
+    return findings, plans
+
+
+def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for p in params:
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> dict:
+    if not p_uses:
+        return dict(invariant=False, reason="it is not used by the traced forward")
+    other = next((u for u in p_uses if u.role != "rows"), None)
+    if other is not None:
+        why = other.why or "it is also used as a bias"
+        return dict(invariant=False, reason=why)
+    nodes = {u.node for u in p_uses}
+    for bias in plan.biases:
+        if any(u.role != "bias" or u.node not in nodes for u in uses[id(bias)]):
+            return dict(invariant=False, reason="its bias is also used elsewhere")
+    try:
+        seeds = {u.node: prop.seed(u.node, int(param.shape[0]), u.conv_dims) for u in p_uses}
+    except Blocked as exc:
+        return dict(invariant=False, reason=str(exc))
+    affine = {u.node: u.bias is not None for u in p_uses}
+    outcome = prop.run(seeds, affine)
+    if not outcome.complete:
+        return dict(invariant=False, reason=outcome.reason)
+    if not outcome.hits:
+        return dict(invariant=False, reason="its output reaches no BatchNorm")
+    plan.batchnorms = [(module, rows) for _, module, rows in outcome.hits]
+    names = tuple(dict.fromkeys(target for target, _, _ in outcome.hits))
+    if outcome.bias_issue is not None:
+        return dict(invariant=False, reason=outcome.bias_issue, batchnorms=names)
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return dict(invariant=True, reason=f"it feeds BatchNorm {quoted}", batchnorms=names)
+
+
+def find_scale_invariant(
+    model: nn.Module,
+    *,
+    example_inputs: torch.Tensor | tuple[Any, ...] | None = None,
+    leaf_modules: Iterable[str] = (),
+) -> dict[str, Finding]:
+    """Analyse ``model`` without changing it: one :class:`Finding` per weight (>= 2 dims).
+
+    Traces the model with torch.fx and follows every conv/linear weight's output rows
+    through the graph. Keys are parameter names as in ``model.named_parameters()``.
+
+    Without ``example_inputs`` the analysis is structural: layouts are the standard ones
+    (batched conv outputs, 2-D inputs to a Linear that feeds a BatchNorm1d), and a
+    reshape/flatten is accepted only when the BatchNorm's channel count proves it keeps the
+    channels. With ``example_inputs`` (a tensor or a tuple of forward arguments; run once in
+    eval mode under ``no_grad``) every layout is checked on the real shapes.
+    ``leaf_modules``: names of submodules to keep opaque (not traced into; their outputs
+    block), for models with an untraceable part.
+
+    Raises :class:`UntraceableModelError` when torch.fx cannot trace the model.
+
+    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    >>> print(find_scale_invariant(net)["0.weight"])
+    0.weight [4x8]: scale invariant: it feeds BatchNorm '1'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"find_scale_invariant: expected an nn.Module, got {type(model).__name__}")
+    return analyse(model, example_inputs=example_inputs, leaf_modules=leaf_modules)[0]
