@@ -56,6 +56,21 @@ def _in_float32(fn: Callable) -> Callable:
     return wrapper
 
 
+def _two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, e)`` with ``p = fl(a * b)`` and ``p + e == a * b`` exactly (Dekker/Veltkamp split)."""
+    p = a * b
+    c = 134217729.0 if p.dtype == torch.float64 else 4097.0  # 2^27 + 1, 2^12 + 1
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ct = c * t
+        hi = ct - (ct - t)
+        return hi, t - hi
+
+    (ah, al), (bh, bl) = split(a), split(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, torch.where(torch.isfinite(e), e, torch.zeros_like(e))  # c * t overflowed
+
+
 def _sinc(t: torch.Tensor) -> torch.Tensor:
     """``sin(t) / t`` with the value 1 at ``t = 0`` (``torch.sinc`` is ``sin(pi x)/(pi x)``)."""
     return torch.sinc(t / math.pi)
@@ -253,20 +268,21 @@ class Grassmann1(Manifold):
         """``(xh, s, theta, w)`` for the pair ``[x], [y]``, with ``|w| = |x| sin(theta)``.
 
         ``s = sign(<x, y>)`` (``+1`` at 0) picks the nearer representative; ``z = s k y``
-        with ``k = |x| / |y|`` is that representative at the scale of ``x`` (``k`` is taken
-        as exactly 1 when the scales agree to 1e-6, so that no rounding enters), ``d = z - x``
-        is exact by Sterbenz for nearby points, and ``w = d - <d, xh> xh`` is the part of
-        ``z`` orthogonal to ``x``. ``theta = atan2(|w|, <z, xh>)`` is the same angle as
-        ``2 atan2(|xh - s yh|, |xh + s yh|)`` but keeps full relative precision for nearby
-        points, where both forms beat ``acos`` of a clamped cosine.
+        with ``k = |x| / |y|`` is that representative at the scale of ``x`` (the rounding
+        error of ``k y`` is carried exactly by ``_two_prod``; an error in ``k`` itself is
+        radial and drops out of ``w``), ``d = z - x`` is exact by Sterbenz for nearby points,
+        and ``w = d - <d, xh> xh`` is the part of ``z`` orthogonal to ``x``.
+        ``theta = atan2(|w|, <z, xh>)`` is the same angle as ``2 atan2(|xh - s yh|,
+        |xh + s yh|)`` but keeps full relative precision for nearby points, where both forms
+        beat ``acos`` of a clamped cosine. Representatives must have norms within float
+        range: ``|y|`` above ~1e154 (float64) or ~1e19 (float32) overflows the norm.
         """
         rx = self._norm(x)
         xh = x / rx
         k = rx / self._norm(y)
-        k = torch.where((k - 1).abs() < 1e-6, torch.ones_like(k), k)
         k = torch.where(self._dot(x, y) < 0, -k, k)
-        z = k * y
-        d = z - x
+        z, z_err = _two_prod(k, y)
+        d = (z - x) + z_err
         w = d - self._dot(d, xh) * xh
         theta = torch.atan2(self._norm(w), self._dot(z, xh).clamp_min(0))
         return xh, torch.sign(k), theta, w
