@@ -8,7 +8,7 @@
 
 from . import nn, optim
 from .manifold import Grassmann1
-from .optim import AdamG, SGDG
+from .optim import SGDG, AdamG
 
 __all__ = ["AdamG", "Grassmann1", "SGDG", "nn", "optim"]
 __version__ = "0.1.0"
