@@ -343,7 +343,7 @@ class NoBN(nn.Module):
 #: model factory -> (input shape, exact default conversion set)
 EXPECTED = {
     PostActResNet: (
-        (2, 3, 8, 8),
+        (6, 3, 8, 8),
         {
             "conv.weight",
             "layer1.conv1.weight",
@@ -357,7 +357,7 @@ EXPECTED = {
         },
     ),
     PreActWRN: (
-        (2, 3, 8, 8),
+        (6, 3, 8, 8),
         {
             # the stem feeds block1.bn1 only (block1 has a projection shortcut on relu(bn1))
             "conv.weight",
@@ -368,7 +368,7 @@ EXPECTED = {
         },
     ),
     VGG: (
-        (2, 3, 8, 8),
+        (6, 3, 8, 8),
         {
             "features.0.weight",
             "features.4.weight",
@@ -378,7 +378,7 @@ EXPECTED = {
     ),
     MLP: ((8, 20), {"fc1.weight", "fc2.weight"}),
     DenseNet: (
-        (2, 3, 8, 8),
+        (6, 3, 8, 8),
         {
             "stem.weight",
             "dense1.conv.weight",

@@ -19,6 +19,12 @@ torch.set_num_threads(1)
 EPS = 1e-12  # BatchNorm eps in the output tests: outputs then agree to ~1e-8
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Models draw their initial weights from the global generator: make that repeatable."""
+    torch.manual_seed(0)
+
+
 def scramble(model: nn.Module, seed: int = 0) -> nn.Module:
     """float64; every weight row times a random factor in [0.1, 10]; random BN affine."""
     gen = torch.Generator().manual_seed(seed)
