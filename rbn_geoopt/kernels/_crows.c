@@ -1,0 +1,323 @@
+/*
+ * rbn_geoopt.kernels._crows: fused per-row SGD-G and Adam-G steps on G(1,n), in place.
+ *
+ * Plain C99 + OpenMP, no torch headers: Python passes raw addresses (tensor.data_ptr())
+ * of C-contiguous (rows, n) float32/float64 buffers, the scalars and a thread count.
+ * The reference for the mathematics is rbn_geoopt/kernels/torch_rows.py (same formulas,
+ * same names); rbn_geoopt/kernels/dispatch.py checks every argument before calling here.
+ *
+ * Per row, with yy = <y,y>, yg = <y,g>, gg = <g,g>, r = sqrt(yy):
+ *   |h|_y^2 = yy gg - yg^2 (h = yy g - yg y),  c = min(1, nu / |h|_y)
+ *   SGD-G:  d = gamma tau - lr c h,  t = |d| / r
+ *           y <- y cos(t)/r + d sinc(t)/r,  tau <- d cos(t)/r - y t sin(t)/r
+ *   Adam-G: m' = b1 m + (1-b1) c h,  v <- b2 v + (1-b2) c^2 |h|_y^2,
+ *           d = a m' with a = -step_size / sqrt(v + eps),  t = |d| / r
+ *           y <- y cos(t)/r + d sinc(t)/r,  m <- m' cos(t)/r - y a |m'|^2 sinc(t)/r^3
+ * Every |.|^2 above is expanded into the six dot products of pass 1; the new y and the new
+ * momentum are linear combinations k[0] y + k[1] mom + k[2] g and k[3] y + k[4] mom + k[5] g.
+ *
+ * Layout: the scalar helpers (double precision) are below; the row loops live in
+ * _rows_impl.h, stamped out for float/double and for baseline/AVX2+FMA code (chosen at
+ * import, see isa()); step() hands blocks of rows to OpenMP threads.
+ * Built by setup.py as an optional extension with -O3 -fopenmp; the package falls back to
+ * the pure-torch path when it is missing.
+ */
+#define PY_SSIZE_T_CLEAN
+#define Py_LIMITED_API 0x030A0000
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* dtype codes shared with dispatch.py */
+enum { DTYPE_F32 = 0, DTYPE_F64 = 1 };
+
+/* The six per-row dot products; "m" is the momentum (tau for SGD-G, m for Adam-G). */
+struct dots {
+    double yy, yg, gg, mm, my, mg;
+};
+
+/* hyper-parameters of one call (adam = 0: SGD-G, uses lr and gamma; adam = 1: Adam-G,
+ * uses step_size, beta1, beta2, eps); nu = inf: no clipping */
+struct step_args {
+    int adam;
+    double lr, gamma, step_size, beta1, beta2, eps, nu;
+};
+
+/* sin(t)/t, 1 at t = 0 (the series is exact to double rounding below 1e-4). */
+static double sinc(double t)
+{
+    return t < 1e-4 ? 1.0 - t * t / 6.0 : sin(t) / t;
+}
+
+/* |h|_y^2 = max(yy gg - yg^2, 0) and the clipping factor c = min(1, nu / |h|_y). */
+static void clip_factor(const struct dots *s, double nu, double *hn2, double *c)
+{
+    const double q = s->yy * s->gg - s->yg * s->yg;
+    *hn2 = q > 0 ? q : 0.0;
+    const double hn = sqrt(*hn2);
+    *c = hn > nu ? nu / hn : 1.0;
+}
+
+/* Coefficients of one step along d = a mom', where mom' = P y + Q mom + R g has squared
+ * norm mm2 (SGD-G: mom' = d and a = 1): the new point expmap(y, d) and mom' transported
+ * exactly along d; since mom' is parallel to d its transport needs only |mom'|^2. */
+static void step_coefficients(double yy, double a, double P, double Q, double R, double mm2,
+                              double k[6])
+{
+    /* t^2 = |d|^2 / yy = a^2 |mom'|^2 / yy */
+    const double r = sqrt(yy);
+    const double t2 = a * a * mm2 / yy;
+    const double t = sqrt(t2);
+    const double co = cos(t), si = sinc(t);
+    /* y <- y cos(t)/r + a mom' sinc(t)/r */
+    k[0] = (co + a * P * si) / r;
+    k[1] = a * Q * si / r;
+    k[2] = a * R * si / r;
+    /* mom <- exact transport of mom' along d: mom' cos(t)/r - y a |mom'|^2 sinc(t) / r^3 */
+    k[3] = (P * co - a * mm2 * si / yy) / r;
+    k[4] = Q * co / r;
+    k[5] = R * co / r;
+}
+
+static void sgdg_coefficients(const struct dots *s, const struct step_args *args, double k[6])
+{
+    double hn2, c;
+    clip_factor(s, args->nu, &hn2, &c);
+    const double lc = args->lr * c, gamma = args->gamma;
+    /* d = gamma tau - lc h = (lc yg) y + gamma tau + (-lc yy) g */
+    const double th = s->yy * s->mg - s->yg * s->my; /* <tau, h> */
+    double dd = gamma * gamma * s->mm + lc * lc * s->yy * hn2 - 2.0 * gamma * lc * th;
+    if (!(dd > 0)) dd = 0.0;
+    step_coefficients(s->yy, 1.0, lc * s->yg, gamma, -lc * s->yy, dd, k);
+}
+
+static void adamg_coefficients(const struct dots *s, double hn2, double c, double v,
+                               const struct step_args *args, double k[6])
+{
+    /* m' = b1 m + (1 - b1) c h = P y + b1 m + R g */
+    const double beta1 = args->beta1, w = (1.0 - beta1) * c;
+    const double mh = s->yy * s->mg - s->yg * s->my; /* <m, h> */
+    double mm2 = beta1 * beta1 * s->mm + w * w * s->yy * hn2 + 2.0 * beta1 * w * mh;
+    if (!(mm2 > 0)) mm2 = 0.0;
+    /* d = a m'; when m' = 0 the step is 0 whatever a is (avoids 0 * inf at v + eps = 0) */
+    const double a = mm2 > 0 ? -args->step_size / sqrt(v + args->eps) : 0.0;
+    step_coefficients(s->yy, a, -w * s->yg, beta1, w * s->yy, mm2, k);
+}
+
+/* ------------------------------------------------------------------ row kernels */
+#define TARGET
+#define T float
+#define FN(name) name##_f32_base
+#include "_rows_impl.h"
+#undef T
+#undef FN
+#define T double
+#define FN(name) name##_f64_base
+#include "_rows_impl.h"
+#undef T
+#undef FN
+#undef TARGET
+
+/* x86 with GCC or clang: AVX2 + FMA copies, used when the CPU has them */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX2_COPIES 1
+#define TARGET __attribute__((target("avx2,fma")))
+#define T float
+#define FN(name) name##_f32_avx2
+#include "_rows_impl.h"
+#undef T
+#undef FN
+#define T double
+#define FN(name) name##_f64_avx2
+#include "_rows_impl.h"
+#undef T
+#undef FN
+#undef TARGET
+#else
+#define HAVE_AVX2_COPIES 0
+#endif
+
+typedef int64_t (*step_rows_f32_fn)(float *, const float *, float *, float *, int64_t,
+                                   int64_t, int64_t, const struct step_args *);
+typedef int64_t (*step_rows_f64_fn)(double *, const double *, double *, double *, int64_t,
+                                   int64_t, int64_t, const struct step_args *);
+
+/* the row kernels in use: set by select_isa() (at import: the best the CPU supports) */
+static struct {
+    const char *name;
+    step_rows_f32_fn f32;
+    step_rows_f64_fn f64;
+} isa = {"baseline", step_rows_f32_base, step_rows_f64_base};
+
+static int cpu_has_avx2(void)
+{
+#if HAVE_AVX2_COPIES
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* 0 on success, -1 when the ISA is unknown or not supported here */
+static int select_isa(const char *name)
+{
+    if (strcmp(name, "baseline") == 0) {
+        isa.name = "baseline", isa.f32 = step_rows_f32_base, isa.f64 = step_rows_f64_base;
+        return 0;
+    }
+#if HAVE_AVX2_COPIES
+    if (strcmp(name, "avx2") == 0 && cpu_has_avx2()) {
+        isa.name = "avx2", isa.f32 = step_rows_f32_avx2, isa.f64 = step_rows_f64_avx2;
+        return 0;
+    }
+#endif
+    return -1;
+}
+
+/* Rows per block: blocks of about 2^15 elements (a few hundred KiB of y, g, mom) are
+ * handed out dynamically, so that a thread that the OS pauses (a busy machine) delays
+ * one block, not half of the tensor. Inside a block the rows are pipelined. */
+#define BLOCK_ELEMS ((int64_t)1 << 15)
+
+/* Step all rows; returns the smallest row index whose <y,y> is zero or not finite (those
+ * rows are untouched), or -1. */
+static int64_t step(int dtype, void *y, const void *g, void *mom, void *v, int64_t rows,
+                    int64_t n, const struct step_args *args, int nthreads)
+{
+    const int64_t block = n >= BLOCK_ELEMS ? 1 : BLOCK_ELEMS / n;
+    const int64_t nblocks = (rows + block - 1) / block;
+    int64_t bad = INT64_MAX;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1) \
+    reduction(min : bad)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t lo = b * block, hi = lo + block < rows ? lo + block : rows;
+        const int64_t first =
+            dtype == DTYPE_F32
+                ? isa.f32((float *)y, (const float *)g, (float *)mom, (float *)v, lo, hi, n,
+                          args)
+                : isa.f64((double *)y, (const double *)g, (double *)mom, (double *)v, lo, hi,
+                          n, args);
+        if (first < bad) bad = first;
+    }
+    return bad == INT64_MAX ? -1 : bad;
+}
+
+static int check_common(long long rows, long long n, int dtype, int nthreads)
+{
+    if (rows < 0 || n < 1) {
+        PyErr_Format(PyExc_ValueError, "_crows: need rows >= 0 and n >= 1, got %lld, %lld",
+                     rows, n);
+        return -1;
+    }
+    if (dtype != DTYPE_F32 && dtype != DTYPE_F64) {
+        PyErr_Format(PyExc_ValueError, "_crows: unknown dtype code %d", dtype);
+        return -1;
+    }
+    if (nthreads < 1) {
+        PyErr_Format(PyExc_ValueError, "_crows: nthreads must be >= 1, got %d", nthreads);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(sgdg_doc,
+             "sgdg(y, g, tau, rows, n, dtype, lr, momentum, nu, nthreads) -> int\n\n"
+             "One SGD-G step on `rows` contiguous rows of length `n`, in place. y, g, tau are\n"
+             "addresses (tau = 0: no momentum buffer), dtype 0 = float32, 1 = float64,\n"
+             "nu = inf: no clipping. Returns the first row with <y,y> zero or not finite\n"
+             "(left untouched), or -1.");
+
+static PyObject *py_sgdg(PyObject *self, PyObject *args)
+{
+    unsigned long long y, g, tau;
+    long long rows, n;
+    int dtype, nthreads;
+    double lr, gamma, nu;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKLLidddi", &y, &g, &tau, &rows, &n, &dtype, &lr, &gamma,
+                          &nu, &nthreads))
+        return NULL;
+    if (check_common(rows, n, dtype, nthreads)) return NULL;
+    if (rows > 0 && (!y || !g)) {
+        PyErr_SetString(PyExc_ValueError, "_crows.sgdg: null y or g address");
+        return NULL;
+    }
+    const struct step_args a = {0, lr, gamma, 0, 0, 0, 0, nu};
+    int64_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    bad = step(dtype, (void *)(uintptr_t)y, (const void *)(uintptr_t)g, (void *)(uintptr_t)tau,
+               NULL, rows, n, &a, nthreads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)bad);
+}
+
+PyDoc_STRVAR(adamg_doc,
+             "adamg(y, g, m, v, rows, n, dtype, step_size, beta1, beta2, eps, nu, nthreads)"
+             " -> int\n\n"
+             "One Adam-G step on `rows` contiguous rows of length `n`, in place; v holds one\n"
+             "second moment per row, step_size = lr sqrt(1 - beta2^k) / (1 - beta1^k).\n"
+             "Returns the first row with <y,y> zero or not finite (left untouched), or -1.");
+
+static PyObject *py_adamg(PyObject *self, PyObject *args)
+{
+    unsigned long long y, g, m, v;
+    long long rows, n;
+    int dtype, nthreads;
+    double step_size, beta1, beta2, eps, nu;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKLLidddddi", &y, &g, &m, &v, &rows, &n, &dtype,
+                          &step_size, &beta1, &beta2, &eps, &nu, &nthreads))
+        return NULL;
+    if (check_common(rows, n, dtype, nthreads)) return NULL;
+    if (rows > 0 && (!y || !g || !m || !v)) {
+        PyErr_SetString(PyExc_ValueError, "_crows.adamg: null address");
+        return NULL;
+    }
+    const struct step_args a = {1, 0, 0, step_size, beta1, beta2, eps, nu};
+    int64_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    bad = step(dtype, (void *)(uintptr_t)y, (const void *)(uintptr_t)g, (void *)(uintptr_t)m,
+               (void *)(uintptr_t)v, rows, n, &a, nthreads);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)bad);
+}
+
+PyDoc_STRVAR(isa_doc,
+             "isa(name=None) -> str\n\n"
+             "The instruction set of the row kernels in use: 'avx2' (AVX2 + FMA, chosen at\n"
+             "import when the CPU has it) or 'baseline'. With a name, switch to it first\n"
+             "(ValueError when this build or CPU lacks it); used by the tests.");
+
+static PyObject *py_isa(PyObject *self, PyObject *args)
+{
+    const char *name = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "|z", &name)) return NULL;
+    if (name && select_isa(name) != 0) {
+        PyErr_Format(PyExc_ValueError, "_crows.isa: %s is not available here", name);
+        return NULL;
+    }
+    return PyUnicode_FromString(isa.name);
+}
+
+static PyMethodDef methods[] = {
+    {"sgdg", py_sgdg, METH_VARARGS, sgdg_doc},
+    {"adamg", py_adamg, METH_VARARGS, adamg_doc},
+    {"isa", py_isa, METH_VARARGS, isa_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_crows",
+    "Fused per-row SGD-G / Adam-G steps on G(1,n) (C99 + OpenMP).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__crows(void)
+{
+    select_isa(cpu_has_avx2() ? "avx2" : "baseline");
+    return PyModule_Create(&module);
+}

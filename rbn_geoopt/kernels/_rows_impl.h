@@ -1,0 +1,134 @@
+/*
+ * The row loops of the fused SGD-G / Adam-G steps, stamped out per element type and ISA.
+ *
+ * _crows.c includes this file once per (T, FN, TARGET): T = float or double, FN(x) names
+ * the copy (e.g. x##_f32_avx2) and TARGET is empty or a target attribute (the AVX2 + FMA
+ * copies are picked at import when the CPU has them). The per-row scalar coefficients are
+ * computed in double by the shared helpers of _crows.c.
+ *
+ * Every row (one point of G(1,n)) needs two sweeps: its dot products (pass 1), then the
+ * writes of the new point and momentum (pass 2, linear combinations of y, mom and g).
+ * FN(step_rows) software-pipelines them over consecutive rows: the sweep that writes row i
+ * (from cache) also accumulates the dot products of row i+1 (from memory), so the memory
+ * streams stay busy, as in a single-pass elementwise update. `mom` may be NULL (SGD-G
+ * without momentum); dot products are accumulated in double.
+ */
+
+/* <y,y>, <y,g>, <g,g> and, when mom is not NULL, <m,m>, <m,y>, <m,g> of one row */
+static TARGET struct dots FN(row_dots)(const T *restrict y, const T *restrict g,
+                                       const T *restrict mom, int64_t n)
+{
+    double yy = 0, yg = 0, gg = 0, mm = 0, my = 0, mg = 0;
+    if (mom) {
+#pragma omp simd reduction(+ : yy, yg, gg, mm, my, mg)
+        for (int64_t j = 0; j < n; ++j) {
+            const double a = y[j], b = g[j], c = mom[j];
+            yy += a * a, yg += a * b, gg += b * b;
+            mm += c * c, my += c * a, mg += c * b;
+        }
+    } else {
+#pragma omp simd reduction(+ : yy, yg, gg)
+        for (int64_t j = 0; j < n; ++j) {
+            const double a = y[j], b = g[j];
+            yy += a * a, yg += a * b, gg += b * b;
+        }
+    }
+    const struct dots s = {yy, yg, gg, mm, my, mg};
+    return s;
+}
+
+/* y <- k0 y + k1 mom + k2 g, mom <- k3 y + k4 mom + k5 g on one row */
+static TARGET void FN(row_write)(T *restrict y, const T *restrict g, T *restrict mom,
+                                 int64_t n, const double k[6])
+{
+    const T k0 = (T)k[0], k1 = (T)k[1], k2 = (T)k[2], k3 = (T)k[3], k4 = (T)k[4],
+            k5 = (T)k[5];
+    if (mom) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+            const T a = y[j], b = g[j], c = mom[j];
+            y[j] = k0 * a + k1 * c + k2 * b;
+            mom[j] = k3 * a + k4 * c + k5 * b;
+        }
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) y[j] = k0 * y[j] + k2 * g[j];
+    }
+}
+
+/* row_write on row (y, g, mom) and row_dots of the next row (y2, g2, mom2) in one sweep */
+static TARGET struct dots FN(row_write_dots)(T *restrict y, const T *restrict g,
+                                             T *restrict mom, const T *restrict y2,
+                                             const T *restrict g2, const T *restrict mom2,
+                                             int64_t n, const double k[6])
+{
+    const T k0 = (T)k[0], k1 = (T)k[1], k2 = (T)k[2], k3 = (T)k[3], k4 = (T)k[4],
+            k5 = (T)k[5];
+    double yy = 0, yg = 0, gg = 0, mm = 0, my = 0, mg = 0;
+    if (mom) {
+#pragma omp simd reduction(+ : yy, yg, gg, mm, my, mg)
+        for (int64_t j = 0; j < n; ++j) {
+            const double p = y2[j], q = g2[j], r = mom2[j];
+            yy += p * p, yg += p * q, gg += q * q;
+            mm += r * r, my += r * p, mg += r * q;
+            const T a = y[j], b = g[j], c = mom[j];
+            y[j] = k0 * a + k1 * c + k2 * b;
+            mom[j] = k3 * a + k4 * c + k5 * b;
+        }
+    } else {
+#pragma omp simd reduction(+ : yy, yg, gg)
+        for (int64_t j = 0; j < n; ++j) {
+            const double p = y2[j], q = g2[j];
+            yy += p * p, yg += p * q, gg += q * q;
+            y[j] = k0 * y[j] + k2 * g[j];
+        }
+    }
+    const struct dots s = {yy, yg, gg, mm, my, mg};
+    return s;
+}
+
+/* Per-row coefficients; Adam-G also updates its second moment *v (stored in T, and the
+ * stored value is the one the step uses, as after a resume from a checkpoint). */
+static void FN(row_coefficients)(const struct dots *s, const struct step_args *args, T *v,
+                                 double k[6])
+{
+    if (!args->adam) {
+        sgdg_coefficients(s, args, k);
+        return;
+    }
+    double hn2, c;
+    clip_factor(s, args->nu, &hn2, &c);
+    const T v_new = (T)(args->beta2 * (double)*v + (1.0 - args->beta2) * c * c * hn2);
+    *v = v_new;
+    adamg_coefficients(s, hn2, c, (double)v_new, args, k);
+}
+
+/* Step rows [lo, hi) in place; returns the first row in it whose <y,y> is zero or not
+ * finite (left untouched), or INT64_MAX. v: one element per row (Adam-G) or NULL. */
+static TARGET int64_t FN(step_rows)(T *y, const T *g, T *mom, T *v, int64_t lo, int64_t hi,
+                                    int64_t n, const struct step_args *args)
+{
+    int64_t bad = INT64_MAX;
+    if (lo >= hi) return bad;
+#define ROW(p, i) ((p) ? (p) + (i) * n : NULL)
+    struct dots cur = FN(row_dots)(ROW(y, lo), ROW(g, lo), ROW(mom, lo), n);
+    for (int64_t i = lo; i < hi; ++i) {
+        const int last = i + 1 == hi;
+        struct dots next = {0, 0, 0, 0, 0, 0};
+        if (!(cur.yy > 0) || !isfinite(cur.yy)) {
+            if (i < bad) bad = i;
+            if (!last) next = FN(row_dots)(ROW(y, i + 1), ROW(g, i + 1), ROW(mom, i + 1), n);
+        } else {
+            double k[6];
+            FN(row_coefficients)(&cur, args, v ? v + i : NULL, k);
+            if (last)
+                FN(row_write)(ROW(y, i), ROW(g, i), ROW(mom, i), n, k);
+            else
+                next = FN(row_write_dots)(ROW(y, i), ROW(g, i), ROW(mom, i), ROW(y, i + 1),
+                                          ROW(g, i + 1), ROW(mom, i + 1), n, k);
+        }
+        cur = next;
+    }
+#undef ROW
+    return bad;
+}
