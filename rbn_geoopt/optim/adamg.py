@@ -8,6 +8,7 @@ import torch
 from geoopt.manifolds.base import Manifold
 
 from .base import RiemannianOptimizer, scalar_step
+from .distributed import local, shard_like
 from .functional import adamg
 from .kernels import point_shape, working_dtype
 
@@ -66,6 +67,17 @@ class AdamG(RiemannianOptimizer):
     back; their state is float32 (also after ``load_state_dict``). Plain parameters behave
     as in torch.
 
+    Reliability: ``step`` raises :class:`~rbn_geoopt.optim.NonFiniteGradientError` (a
+    ValueError) when any gradient -- plain parameters included -- holds NaN/Inf or would
+    overflow the step, and ValueError for a zero or non-finite point, naming the parameter
+    and changing nothing (``torch.amp.GradScaler`` skips such steps before they get here).
+    ``load_state_dict`` refuses, naming the parameter, a state of other shapes, keys or
+    group layout, before loading any of it. ``lr = 0`` changes no bit of the points.
+    DistributedDataParallel needs nothing special; under FSDP2 ``fully_shard`` give the
+    manifold per param group (``{"params": ..., "manifold": Grassmann1(ndim=3)}``): each
+    rank steps its rows, the ``omega`` term is computed on the all-gathered weight, and the
+    state is sharded like the parameter (``torch.distributed.checkpoint`` saves it).
+
     Example:
         >>> import geoopt, torch
         >>> from rbn_geoopt import Grassmann1
@@ -121,22 +133,24 @@ class AdamG(RiemannianOptimizer):
         grads: list[torch.Tensor],
         manifolds: list[Manifold],
     ) -> None:
+        points, grads = self._local_inputs(group, params, grads, manifolds)
         exp_avgs, exp_avg_sqs, steps = [], [], []
-        for param, manifold in zip(params, manifolds, strict=True):
+        for param, point, manifold in zip(params, points, manifolds, strict=True):
             state = self.state[param]
             if "exp_avg" not in state:
                 dtype = working_dtype(param.dtype)
                 state["step"] = scalar_step()
                 state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
-                state["exp_avg_sq"] = torch.zeros(
-                    point_shape(param.shape, manifold), dtype=dtype, device=param.device
+                zeros = torch.zeros(
+                    point_shape(point.shape, manifold), dtype=dtype, device=point.device
                 )
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+                state["exp_avg_sq"] = shard_like(param, zeros, point_shape(param.shape, manifold))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         adamg(
-            params,
+            points,
             grads,
             exp_avgs,
             exp_avg_sqs,
@@ -148,5 +162,5 @@ class AdamG(RiemannianOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             grad_clip=group["grad_clip"],
-            omega=group["omega"],
+            omega=0.0,  # added by _local_inputs
         )

@@ -6,6 +6,12 @@ A step walks the param groups; in each, the parameters whose manifold is
 others follow the subclass's Riemannian rule (``_manifold_step``). State layout per
 parameter uses torch's keys: ``momentum_buffer`` (SGD, SGD-G), ``step`` / ``exp_avg`` /
 ``exp_avg_sq`` (Adam, Adam-G).
+
+Reliability (see :mod:`.checks`, :mod:`.checkpoint`, :mod:`.distributed`): a step first
+checks every gradient and point and raises before changing anything when one would give a
+NaN parameter; ``load_state_dict`` checks the whole state (group sizes, hyper-parameters,
+keys, shapes, finiteness) before loading any of it; DTensor (FSDP2) parameters are stepped
+on their local shards, with state sharded alike.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from typing import Any
 import torch
 from geoopt.manifolds.base import Manifold
 from geoopt.optim.mixin import OptimMixin
-from torch.utils.weak import WeakTensorKeyDictionary
 
+from .checkpoint import validate_state_dict
+from .checks import StepItem, check_step_inputs
+from .distributed import gathered, local, replicated_rows
 from .functional import euclidean_adam, euclidean_sgd
 from .groups import manifold_of, param_label, validate_group
-from .kernels import LOW_PRECISION, is_euclidean, is_grassmann1, working_dtype, zero_point_index
+from .kernels import LOW_PRECISION, is_euclidean, orthogonality_egrad, working_dtype
 
 __all__ = ["RiemannianOptimizer", "scalar_step"]
 
@@ -89,7 +97,10 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("stabilize", self._stabilize)
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                # torch's __setstate__ adds defaults["differentiable"]: not a key of ours,
+                # kept out of the groups so a resumed state_dict equals the original's
+                if key != "differentiable":
+                    group.setdefault(key, value)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -107,9 +118,13 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, keeping the groups' ``manifold`` keys and float32 state.
 
-        torch casts floating state to the parameter's dtype; the float32 state of a
-        half-precision manifold parameter is restored from ``state_dict`` unrounded.
+        The whole ``state_dict`` is checked first (:func:`.checkpoint.validate_state_dict`:
+        group sizes, hyper-parameters, state keys and shapes per parameter, finite values);
+        on a mismatch a ValueError names the parameter and nothing is loaded. torch casts
+        floating state to the parameter's dtype; the float32 state of a half-precision
+        manifold parameter is restored from ``state_dict`` unrounded.
         """
+        validate_state_dict(self, state_dict)
         manifolds = [group.get("manifold") for group in self.param_groups]
         super().load_state_dict(state_dict)
         for index, (group, manifold) in enumerate(zip(self.param_groups, manifolds, strict=True)):
@@ -139,30 +154,39 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         """One step for every parameter that has a gradient.
 
         ``closure`` (optional) re-evaluates the model under ``torch.enable_grad()`` and
-        returns the loss, which ``step`` returns.
+        returns the loss, which ``step`` returns. Before anything changes, every gradient
+        and point is checked (:mod:`.checks`): a NaN/Inf gradient raises
+        :class:`~rbn_geoopt.optim.NonFiniteGradientError`, a zero or non-finite point of
+        G(1,n) a ValueError, both naming the parameter.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            plain, plain_grads, curved, curved_grads, manifolds = self._collect(index, group)
+        work = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
+        check_step_inputs(type(self).__name__, [item for items in work for item in items])
+        for group, items in zip(self.param_groups, work, strict=True):
+            plain = [item for item in items if is_euclidean(item.manifold)]
+            curved = [item for item in items if not is_euclidean(item.manifold)]
             if plain:
-                self._euclidean_step(group, plain, plain_grads)
+                self._euclidean_step(
+                    group, [item.param for item in plain], [item.grad for item in plain]
+                )
             if curved:
-                self._manifold_step(group, curved, curved_grads, manifolds)
+                self._manifold_step(
+                    group,
+                    [item.param for item in curved],
+                    [item.grad for item in curved],
+                    [item.manifold for item in curved],
+                )
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
         return loss
 
-    def _collect(self, index: int, group: dict[str, Any]):
-        """Split the group's parameters with a gradient into Euclidean and manifold ones."""
-        plain: list[torch.Tensor] = []
-        plain_grads: list[torch.Tensor] = []
-        curved: list[torch.Tensor] = []
-        curved_grads: list[torch.Tensor] = []
-        manifolds: list[Manifold] = []
+    def _collect(self, index: int, group: dict[str, Any]) -> list[StepItem]:
+        """The group's parameters that have a gradient, with their manifolds."""
+        items = []
         for j, param in enumerate(group["params"]):
             if param.grad is None:
                 continue
@@ -171,32 +195,34 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                     f"{type(self).__name__}: {param_label(group, index, j)} has a sparse "
                     "gradient; sparse gradients are not supported"
                 )
-            manifold = manifold_of(param, group)
-            if is_euclidean(manifold):
-                plain.append(param)
-                plain_grads.append(param.grad)
-                continue
-            if is_grassmann1(manifold):
-                self._check_nonzero_points(param, manifold, group, index, j)
-            curved.append(param)
-            curved_grads.append(param.grad)
-            manifolds.append(manifold)
-        return plain, plain_grads, curved, curved_grads, manifolds
+            items.append(StepItem(group, index, j, param, param.grad, manifold_of(param, group)))
+        return items
 
-    def _check_nonzero_points(
-        self, param: torch.Tensor, manifold: Manifold, group: dict[str, Any], index: int, j: int
-    ) -> None:
-        """Refuse a zero-vector point of G(1,n), once per parameter (its first step)."""
-        checked = self.__dict__.setdefault("_checked_points", WeakTensorKeyDictionary())
-        if param in checked:
-            return
-        row = zero_point_index(param, manifold.ndim)
-        if row is not None:
-            raise ValueError(
-                f"{type(self).__name__}: {param_label(group, index, j)} holds a zero vector at "
-                f"row {row}: a point of G(1,n) must be a non-zero vector"
-            )
-        checked[param] = True
+    def _local_inputs(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        manifolds: list[Manifold],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Rank-local views of the points, and the gradients to step them with.
+
+        With ``omega > 0`` the gradient of the orthogonality term is added here (so the
+        functional cores get ``omega=0``): computed on the whole weight, all-gathered for a
+        DTensor parameter, and cut back to this rank's rows. For a plain tensor this is
+        exactly what ``riemannian_grad`` computes.
+        """
+        points = [local(p) for p in params]
+        omega = group["omega"]
+        if omega == 0:
+            return points, [local(g) for g in grads]
+        out = []
+        for param, grad, manifold in zip(params, grads, manifolds, strict=True):
+            dtype = working_dtype(param.dtype)
+            full = gathered(param).to(dtype)
+            term = replicated_rows(param, orthogonality_egrad(full, manifold.ndim, omega))
+            out.append(local(grad).to(dtype) + term)
+        return points, out
 
     def _euclidean_step(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
@@ -261,9 +287,11 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
             manifold = manifold_of(param, group)
             if is_euclidean(manifold):
                 continue
-            y = manifold.projx(param.to(working_dtype(param.dtype)))
-            param.copy_(y)
+            point = local(param)
+            y = manifold.projx(point.to(working_dtype(param.dtype)))
+            point.copy_(y)
             state = self.state.get(param, {})
             for key in self._tangent_state:
                 if key in state:
-                    state[key].copy_(manifold.proju(y, state[key]))
+                    buffer = local(state[key])
+                    buffer.copy_(manifold.proju(y, buffer))

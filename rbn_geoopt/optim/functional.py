@@ -3,7 +3,8 @@ r"""Functional cores: one optimizer step over lists of tensors, in the style of 
 ``sgdg`` and ``adamg`` step manifold parameters with the per-point kernels of
 :mod:`rbn_geoopt.optim.kernels`, one tensor at a time (the straightforward path; a
 multi-tensor fast path may replace them later and is compared against them). Half-precision
-parameters are stepped in float32 and stored back; their state is float32.
+parameters are stepped in float32 and stored back; their state is float32 and re-projected
+onto the tangent space of the rounded point that was stored.
 
 ``euclidean_sgd`` and ``euclidean_adam`` are torch's own functional cores
 (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam``) called exactly as ``torch.optim.SGD``
@@ -31,6 +32,20 @@ __all__ = ["adamg", "euclidean_adam", "euclidean_sgd", "sgdg"]
 def _working(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a float32 copy when it is half precision."""
     return t.to(working_dtype(t.dtype))
+
+
+def _store(manifold: Manifold, param: torch.Tensor, new_y: torch.Tensor, tangent):
+    """``param <- new_y``; returns ``tangent`` re-projected at the point actually stored.
+
+    A half-precision parameter stores a rounded ``new_y`` (relative error ~4e-3 in
+    bfloat16); the float32 state transported to the unrounded point would then be off the
+    tangent space of the stored one by as much. Projecting it there (one inner product per
+    point) keeps the state tangent to float32 precision at every step.
+    """
+    param.copy_(new_y)
+    if tangent is None or param.dtype == new_y.dtype:
+        return tangent
+    return manifold.proju(_working(param), tangent)
 
 
 def _clipped_rgrad(
@@ -72,7 +87,7 @@ def sgdg(
         )
         tau = momentum_buffers[i] if momentum != 0 else None
         new_y, new_tau = sgdg_point_step(manifold, y, h, tau, lr=lr, momentum=momentum)
-        param.copy_(new_y)
+        new_tau = _store(manifold, param, new_y, new_tau)
         if new_tau is None:
             continue
         if tau is None:
@@ -122,8 +137,7 @@ def adamg(
             beta2=beta2,
             eps=eps,
         )
-        param.copy_(new_y)
-        exp_avg.copy_(new_m)
+        exp_avg.copy_(_store(manifold, param, new_y, new_m))
 
 
 def euclidean_sgd(

@@ -3,10 +3,16 @@
 A parameter's manifold is ``p.manifold`` for a geoopt ``ManifoldParameter`` /
 ``ManifoldTensor``, else the group's ``"manifold"`` key when given (FSDP2 strips the
 ManifoldParameter class), else ``geoopt.Euclidean()`` (a plain parameter).
+
+Validation refuses, naming the hyper-parameter or the parameter: out-of-range or non-finite
+hyper-parameters (``grad_clip=inf`` is allowed: no clipping), a parameter whose shape does
+not hold points of its manifold, a DTensor parameter sharded inside its points, weight decay
+on G(1,n) and ``omega`` off G(1,n).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +21,7 @@ import geoopt
 import torch
 from geoopt.manifolds.base import Manifold
 
+from .distributed import point_sharding_error
 from .kernels import is_grassmann1
 
 __all__ = ["EUCLIDEAN_RULES", "manifold_of", "param_label", "validate_group"]
@@ -47,9 +54,17 @@ def _is_real(value: Any) -> bool:
 
 
 def _check_real(
-    where: str, name: str, value: Any, *, low: float, high: float | None, high_open: bool
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float | None,
+    high_open: bool,
+    allow_inf: bool = False,
 ) -> None:
-    """Refuse ``value`` unless it is a real number in ``[low, high)`` / ``[low, high]``."""
+    """Refuse ``value`` unless it is a real number in ``[low, high)`` / ``[low, high]``
+    (finite unless ``allow_inf``)."""
     bracket = ")" if high_open else "]"
     rule = f"in [{low}, {high}{bracket}" if high is not None else f">= {low}"
     if not _is_real(value):
@@ -57,6 +72,8 @@ def _check_real(
     too_high = high is not None and (value >= high if high_open else value > high)
     if not value >= low or too_high:  # `not >=` also refuses NaN
         raise ValueError(f"{where}: invalid {name} {value!r}: must be {rule}")
+    if not allow_inf and not math.isfinite(value):
+        raise ValueError(f"{where}: invalid {name} {value!r}: must be finite")
 
 
 def _validate_hyper(group: dict[str, Any], where: str) -> None:
@@ -67,7 +84,15 @@ def _validate_hyper(group: dict[str, Any], where: str) -> None:
     _check_real(where, "eps", group["eps"], low=0.0, high=None, high_open=False)
     _check_real(where, "omega", group["omega"], low=0.0, high=None, high_open=False)
     if group["grad_clip"] is not None:
-        _check_real(where, "grad_clip", group["grad_clip"], low=0.0, high=None, high_open=False)
+        _check_real(
+            where,
+            "grad_clip",
+            group["grad_clip"],
+            low=0.0,
+            high=None,
+            high_open=False,
+            allow_inf=True,
+        )
     betas = group["betas"]
     if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
         raise TypeError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -117,10 +142,22 @@ def _validate_params(group: dict[str, Any], group_index: int, where: str) -> Non
                 f"{param_label(group, group_index, j)} is on {manifold.name}; put it in a "
                 "param group with omega=0"
             )
-        if torch.is_complex(param) and not isinstance(manifold, geoopt.Euclidean):
+        if isinstance(manifold, geoopt.Euclidean):
+            continue
+        if torch.is_complex(param):
             raise TypeError(
                 f"{where}: complex manifold {param_label(group, group_index, j)} is not supported"
             )
+        ok, reason = manifold.check_point(param, explain=True)
+        if not ok:
+            label = param_label(group, group_index, j)
+            shape = "" if "(shape " in label else f" of shape {tuple(param.shape)}"
+            raise ValueError(
+                f"{where}: {label}{shape} does not hold points of {manifold!r}: {reason}"
+            )
+        reason = point_sharding_error(param, manifold.ndim or 0)
+        if reason is not None:
+            raise ValueError(f"{where}: the DTensor {param_label(group, group_index, j)} {reason}")
 
 
 def validate_group(group: dict[str, Any], group_index: int, optimizer: str) -> None:

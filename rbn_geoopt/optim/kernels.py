@@ -163,9 +163,12 @@ def sgdg_point_step(
     """One SGD-G step: ``d = momentum * tau - lr * h``; returns ``(retr(y, d), transp(d))``.
 
     ``tau = None`` is the zero momentum of the first step. With ``momentum == 0`` no
-    momentum is carried and the second result is None.
+    momentum is carried and the second result is None. A step that is exactly zero
+    (``lr == 0`` without momentum) returns ``y`` itself, so ``lr = 0`` changes no bit.
     """
     if tau is None or momentum == 0:
+        if lr == 0:  # a zero step leaves the point bit-identical (as torch's SGD does)
+            return y, (None if momentum == 0 else torch.zeros_like(h))
         d = h * (-lr)
     else:
         d = torch.add(tau * momentum, h, alpha=-lr)
@@ -191,10 +194,13 @@ def adamg_point_step(
 
     Updates ``exp_avg`` (m, tangent) and ``exp_avg_sq`` (v, one scalar per point, keepdim
     shape) in place and returns ``(retr(y, d), transp(m))`` with
-    ``d = -lr * sqrt(1 - beta2^step) / (1 - beta1^step) * m / sqrt(v + eps)``.
+    ``d = -lr * sqrt(1 - beta2^step) / (1 - beta1^step) * m / sqrt(v + eps)``; with
+    ``lr == 0`` it returns ``(y, exp_avg)`` themselves (the moments still update).
     """
     exp_avg.mul_(beta1).add_(h, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).add_(manifold.inner(y, h, keepdim=True), alpha=1 - beta2)
     step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    if step_size == 0:  # lr = 0: the point stays bit-identical, m is not moved
+        return y, exp_avg
     d = exp_avg * (-step_size) / (exp_avg_sq + eps).sqrt()
     return manifold.retr_transp(y, d, exp_avg)

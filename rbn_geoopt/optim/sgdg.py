@@ -8,6 +8,7 @@ import torch
 from geoopt.manifolds.base import Manifold
 
 from .base import RiemannianOptimizer
+from .distributed import local, shard_like
 from .functional import sgdg
 
 __all__ = ["SGDG"]
@@ -65,6 +66,17 @@ class SGDG(RiemannianOptimizer):
     ones). Half-precision manifold parameters are stepped in float32 and stored back; their
     state is float32 (also after ``load_state_dict``). Plain parameters behave as in torch.
 
+    Reliability: ``step`` raises :class:`~rbn_geoopt.optim.NonFiniteGradientError` (a
+    ValueError) when any gradient -- plain parameters included -- holds NaN/Inf or would
+    overflow the step, and ValueError for a zero or non-finite point, naming the parameter
+    and changing nothing (``torch.amp.GradScaler`` skips such steps before they get here).
+    ``load_state_dict`` refuses, naming the parameter, a state of other shapes, keys or
+    group layout, before loading any of it. ``lr = 0`` changes no bit of the points.
+    DistributedDataParallel needs nothing special; under FSDP2 ``fully_shard`` give the
+    manifold per param group (``{"params": ..., "manifold": Grassmann1(ndim=3)}``): each
+    rank steps its rows, the ``omega`` term is computed on the all-gathered weight, and the
+    state is sharded like the parameter (``torch.distributed.checkpoint`` saves it).
+
     Example:
         >>> import geoopt, torch
         >>> from rbn_geoopt import Grassmann1
@@ -121,9 +133,11 @@ class SGDG(RiemannianOptimizer):
         manifolds: list[Manifold],
     ) -> None:
         momentum = group["momentum"]
-        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+        points, grads = self._local_inputs(group, params, grads, manifolds)
+        states = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+        buffers = [None if b is None else local(b) for b in states]
         sgdg(
-            params,
+            points,
             grads,
             buffers,
             manifolds,
@@ -131,8 +145,9 @@ class SGDG(RiemannianOptimizer):
             momentum=momentum,
             weight_decay=group["weight_decay"],
             grad_clip=group["grad_clip"],
-            omega=group["omega"],
+            omega=0.0,  # added by _local_inputs
         )
         if momentum != 0:
-            for param, buffer in zip(params, buffers, strict=True):
-                self.state[param]["momentum_buffer"] = buffer
+            for param, saved, buffer in zip(params, states, buffers, strict=True):
+                if saved is None:  # a new buffer: sharded like the parameter
+                    self.state[param]["momentum_buffer"] = shard_like(param, buffer)
