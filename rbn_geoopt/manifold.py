@@ -72,8 +72,16 @@ def _two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _sinc(t: torch.Tensor) -> torch.Tensor:
-    """``sin(t) / t`` with the value 1 at ``t = 0`` (``torch.sinc`` is ``sin(pi x)/(pi x)``)."""
-    return torch.sinc(t / math.pi)
+    """``sin(t) / t`` with the value 1 at ``t = 0``.
+
+    ``sin(t) / t`` on the very ``t`` that ``cos(t)`` sees (``torch.sinc(t / pi)`` rounds
+    ``t / pi``, which breaks ``cos^2 + (t sinc)^2 = 1`` in float32 at large ``t``), and the
+    series ``1 - t^2/6 + t^4/120`` below ``|t| = 1e-2`` (error below ``t^6/5040``).
+    """
+    small = t.abs() < 1e-2
+    safe = torch.where(small, torch.ones_like(t), t)
+    t2 = t * t
+    return torch.where(small, 1 - t2 / 6 * (1 - t2 / 20), torch.sin(safe) / safe)
 
 
 class Grassmann1(Manifold):

@@ -533,3 +533,18 @@ def test_random_uniform_and_origin():
     man.assert_check_point_on_manifold(o)
     torch.testing.assert_close(enorm(o, 2), torch.ones(5, 1, 1))
     assert float(man.dist(o, o[:1]).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("angle", [0.5, 1e2, 1e3, 1e6, 1e9])
+def test_expmap_stays_unit_at_large_angles(dtype, angle):
+    """cos(t) and sin(t)/t must see the same t: unclipped huge steps still land on unit rows."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 9, generator=gen, dtype=dtype)
+    manifold = Grassmann1()
+    u = manifold.proju(x, torch.randn(6, 9, generator=gen, dtype=dtype))
+    u = u * (angle * x.norm(dim=-1, keepdim=True) / u.norm(dim=-1, keepdim=True))
+    y, v = manifold.expmap_transp(x, u, u)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(y.norm(dim=-1), torch.ones(6, dtype=dtype), rtol=0, atol=tol)
+    assert (manifold.inner(y, y, v) / manifold.norm(y, v)).abs().max() < tol * 10
