@@ -152,7 +152,8 @@ def _check_scalar(name: str, value: float, lo: float | None = None, hi: float | 
 
 
 def _nu(grad_clip: float | None) -> float:
-    if grad_clip is None:
+    """The clipping threshold: ``None`` and ``inf`` both mean no clipping."""
+    if grad_clip is None or grad_clip == math.inf:
         return math.inf
     _check_scalar("grad_clip", grad_clip)
     if grad_clip <= 0:

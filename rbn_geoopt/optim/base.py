@@ -22,13 +22,20 @@ from typing import Any
 import torch
 from geoopt.manifolds.base import Manifold
 from geoopt.optim.mixin import OptimMixin
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .checkpoint import validate_state_dict
 from .checks import StepItem, check_step_inputs
-from .distributed import gathered, local, replicated_rows
+from .distributed import gathered, is_dtensor, local, replicated_rows
 from .functional import euclidean_adam, euclidean_sgd
 from .groups import manifold_of, param_label, validate_group
-from .kernels import LOW_PRECISION, is_euclidean, orthogonality_egrad, working_dtype
+from .kernels import (
+    LOW_PRECISION,
+    is_euclidean,
+    is_grassmann1,
+    orthogonality_egrad,
+    working_dtype,
+)
 
 __all__ = ["RiemannianOptimizer", "scalar_step"]
 
@@ -179,6 +186,8 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                     [item.grad for item in curved],
                     [item.manifold for item in curved],
                 )
+                if group["lr"] != 0:  # (lr = 0 leaves the points as they were)
+                    self._record_stepped(curved)
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
@@ -195,8 +204,27 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                     f"{type(self).__name__}: {param_label(group, index, j)} has a sparse "
                     "gradient; sparse gradients are not supported"
                 )
-            items.append(StepItem(group, index, j, param, param.grad, manifold_of(param, group)))
+            manifold = manifold_of(param, group)
+            trusted = self._stepped_version.get(param) == param._version
+            items.append(StepItem(group, index, j, param, param.grad, manifold, trusted))
         return items
+
+    @property
+    def _stepped_version(self) -> WeakTensorKeyDictionary:
+        """``param -> param._version`` right after this optimizer wrote its unit points.
+
+        A G(1,n) parameter whose version still matches holds exactly those points, so the
+        step guard need not read them again (:mod:`.checks`). DTensor parameters are never
+        recorded (their local shards are written, not the DTensor itself), nor are steps
+        with ``lr = 0``, which write nothing.
+        """
+        return self.__dict__.setdefault("_stepped_versions", WeakTensorKeyDictionary())
+
+    def _record_stepped(self, items: list[StepItem]) -> None:
+        versions = self._stepped_version
+        for item in items:
+            if is_grassmann1(item.manifold) and not is_dtensor(item.param):
+                versions[item.param] = item.param._version
 
     def _local_inputs(
         self,

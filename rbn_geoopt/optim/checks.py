@@ -10,6 +10,13 @@ Before a step changes anything, SGDG and AdamG check, in one pass with one host 
   float32, 3.4e153 in float64);
 * points of other geoopt manifolds are finite.
 
+A G(1,n) parameter that this optimizer stepped last and nobody has modified since (its
+autograd version counter is the one recorded after that step: ``StepItem.trusted``) holds
+the unit points that step wrote, so only its gradient is read: the norm of the whole
+gradient bounds every ``|g_i|`` and ``|y_i| = 1`` up to rounding. That keeps the guard at one
+read of the gradients; the first step, and any step after the parameter was changed in
+place (``stabilize``, a user's ``mul_``), checks the points again.
+
 A failure raises before any parameter or state is touched: :class:`NonFiniteGradientError`
 (a ``ValueError``) for a gradient, ``ValueError`` for a point, naming the parameter (and the
 row). ``torch.amp.GradScaler`` skips steps with Inf/NaN gradients before the optimizer sees
@@ -66,6 +73,7 @@ class StepItem:
     param: torch.Tensor
     grad: torch.Tensor
     manifold: Manifold
+    trusted: bool = False  # holds the unit points of this optimizer's last step
 
     @property
     def label(self) -> str:
@@ -84,14 +92,17 @@ def _limit(dtype: torch.dtype) -> float:
 def _measures(item: StepItem) -> list[torch.Tensor]:
     """0-dim tensors the verdict needs (compared on the host after one sync).
 
-    G(1,n): ``[min_i |y_i|, max_i |y_i|, max_i |g_i| |y_i|^2]``; other manifolds:
-    ``[max |y|, max |g|]``; Euclidean: ``[max |g|]``. Empty shards give ``[]``.
+    G(1,n): ``[min_i |y_i|, max_i |y_i|, max_i |g_i| |y_i|^2]``, or ``[|g|]`` when
+    ``item.trusted``; other manifolds: ``[max |y|, max |g|]``; Euclidean: ``[max |g|]``.
+    Empty shards give ``[]``.
     """
     grad, y = local(item.grad), local(item.param)
     if grad.numel() == 0:
         return []
     if is_euclidean(item.manifold):
         return [grad.abs().amax()]
+    if item.trusted:
+        return [torch.linalg.vector_norm(grad, dtype=working_dtype(y.dtype))]
     if not is_grassmann1(item.manifold):
         return [y.abs().amax(), grad.abs().amax()]
     ndim, dtype = item.manifold.ndim, working_dtype(y.dtype)
@@ -112,8 +123,10 @@ def _verdict(item: StepItem, values: list[float]) -> int:
         if not math.isfinite(point_max):
             return _BAD_POINT
         return _OK if math.isfinite(grad_max) else _BAD_GRAD
-    low, high, product = values
     limit = _limit(item.param.dtype)
+    if item.trusted:  # unit points: |g_i| |y_i|^2 <= |g| (1 + rounding)
+        return _OK if values[0] <= limit / 2 else _BAD_GRAD
+    low, high, product = values
     if not (low > 0 and high <= limit):
         return _BAD_POINT
     return _OK if product <= limit else _BAD_GRAD

@@ -1,10 +1,19 @@
 r"""Functional cores: one optimizer step over lists of tensors, in the style of ``torch.optim``.
 
-``sgdg`` and ``adamg`` step manifold parameters with the per-point kernels of
-:mod:`rbn_geoopt.optim.kernels`, one tensor at a time (the straightforward path; a
-multi-tensor fast path may replace them later and is compared against them). Half-precision
-parameters are stepped in float32 and stored back; their state is float32 and re-projected
-onto the tangent space of the rounded point that was stored.
+``sgdg`` and ``adamg`` step manifold parameters one tensor at a time, on one of two paths
+with the same results to float rounding:
+
+* fused (``fused=True``, the optimizers' default): a float32/float64 ``Grassmann1``
+  parameter is stepped in place by :mod:`rbn_geoopt.kernels` -- a few dot products per
+  point, then the new point and momentum written as linear combinations of ``y``, the
+  momentum and ``g`` (a C kernel on CPU, pure torch elsewhere), at the memory traffic of
+  torch's momentum SGD;
+* straightforward: every other manifold (and ``fused=False``) goes through the per-point
+  kernels of :mod:`rbn_geoopt.optim.kernels`, which only call the manifold's operators.
+
+Half-precision parameters take the straightforward path in float32 and are stored back;
+their state is float32 and re-projected onto the tangent space of the rounded point that
+was stored.
 
 ``euclidean_sgd`` and ``euclidean_adam`` are torch's own functional cores
 (``torch.optim.sgd.sgd``, ``torch.optim.adam.adam``) called exactly as ``torch.optim.SGD``
@@ -18,9 +27,12 @@ from geoopt.manifolds.base import Manifold
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
+from ..kernels import adamg_step_, sgdg_step_
+from ..manifold import Grassmann1
 from .kernels import (
     adamg_point_step,
     clip_per_point,
+    orthogonality_egrad,
     riemannian_grad,
     sgdg_point_step,
     working_dtype,
@@ -46,6 +58,26 @@ def _store(manifold: Manifold, param: torch.Tensor, new_y: torch.Tensor, tangent
     if tangent is None or param.dtype == new_y.dtype:
         return tangent
     return manifold.proju(_working(param), tangent)
+
+
+def _fusable(fused: bool, manifold: Manifold, param: torch.Tensor, lr: float) -> bool:
+    """Whether ``param`` takes the fused path: exactly ``Grassmann1`` (``Scaled`` changes
+    the math), float32/float64, and a non-zero ``lr`` (``lr = 0`` keeps the straightforward
+    path's promise that the points do not change by a bit)."""
+    return (
+        fused
+        and type(manifold) is Grassmann1
+        and param.dtype in (torch.float32, torch.float64)
+        and lr != 0
+    )
+
+
+def _fused_grad(param: torch.Tensor, grad: torch.Tensor, ndim: int, omega: float):
+    """The Euclidean gradient the fused kernel steps with (``grad`` is not modified)."""
+    grad = grad.to(param.dtype)
+    if omega != 0:
+        grad = grad + orthogonality_egrad(param, ndim, omega)
+    return grad
 
 
 def _clipped_rgrad(
@@ -74,13 +106,25 @@ def sgdg(
     weight_decay: float,
     grad_clip: float | None,
     omega: float,
+    fused: bool = False,
 ) -> None:
     """SGD-G on manifold parameters, in place.
 
     ``momentum_buffers[i]`` is the transported last step ``tau`` of ``params[i]`` (None
     before its first step: a new buffer is put in the list when ``momentum != 0``).
+    ``fused`` selects the fused path for the parameters it applies to (module docstring).
     """
     for i, (param, grad, manifold) in enumerate(zip(params, grads, manifolds, strict=True)):
+        if _fusable(fused, manifold, param, lr):
+            tau = momentum_buffers[i] if momentum != 0 else None
+            if momentum != 0 and tau is None:
+                tau = torch.zeros_like(param, memory_format=torch.contiguous_format)
+                momentum_buffers[i] = tau
+            g = _fused_grad(param, grad, manifold.ndim, omega)
+            sgdg_step_(
+                param, g, tau, ndim=manifold.ndim, lr=lr, momentum=momentum, grad_clip=grad_clip
+            )
+            continue
         y = _working(param)
         h = _clipped_rgrad(
             manifold, y, grad, weight_decay=weight_decay, grad_clip=grad_clip, omega=omega
@@ -111,15 +155,33 @@ def adamg(
     weight_decay: float,
     grad_clip: float | None,
     omega: float,
+    fused: bool = False,
 ) -> None:
     """Adam-G on manifold parameters, in place (state tensors initialized by the caller).
 
     ``exp_avgs[i]`` is the tangent first moment, ``exp_avg_sqs[i]`` one second-moment
     scalar per point (keepdim shape), ``state_steps[i]`` a scalar tensor step counter.
+    ``fused`` selects the fused path for the parameters it applies to (module docstring).
     """
     for param, grad, exp_avg, exp_avg_sq, step_t, manifold in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, manifolds, strict=True
     ):
+        if _fusable(fused, manifold, param, lr):
+            step_t += 1
+            adamg_step_(
+                param,
+                _fused_grad(param, grad, manifold.ndim, omega),
+                exp_avg,
+                exp_avg_sq,
+                ndim=manifold.ndim,
+                step=step_t.item(),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                grad_clip=grad_clip,
+            )
+            continue
         y = _working(param)
         h = _clipped_rgrad(
             manifold, y, grad, weight_decay=weight_decay, grad_clip=grad_clip, omega=omega

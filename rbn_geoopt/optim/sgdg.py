@@ -57,8 +57,11 @@ class SGDG(RiemannianOptimizer):
             before projection. Grassmann1 parameters only: a group with ``omega > 0``
             holding any other parameter is refused (ValueError).
         euclidean: ``"sgd"`` (default) or ``"adam"``: the rule for Euclidean parameters.
-        foreach: passed to torch's core for Euclidean parameters (None: torch's default);
-            manifold parameters always take the straightforward per-tensor path for now.
+        foreach: passed to torch's core for Euclidean parameters (None: torch's default).
+            For float32/float64 ``Grassmann1`` parameters, anything but ``False`` selects
+            the fused kernels of :mod:`rbn_geoopt.kernels` (C on CPU, pure torch elsewhere;
+            the same results to float rounding); ``False`` composes the manifold's
+            operators one by one (the straightforward reference path).
         stabilize: every ``stabilize`` steps, ``projx`` the manifold points and ``proju``
             their momentum (geoopt's convention; None: never).
 
@@ -146,6 +149,7 @@ class SGDG(RiemannianOptimizer):
             weight_decay=group["weight_decay"],
             grad_clip=group["grad_clip"],
             omega=0.0,  # added by _local_inputs
+            fused=group["foreach"] is not False,
         )
         if momentum != 0:
             for param, saved, buffer in zip(params, states, buffers, strict=True):

@@ -1,0 +1,108 @@
+"""The fused path (default) and the straightforward path (foreach=False) of SGDG/AdamG agree.
+
+The fused kernels of rbn_geoopt.kernels step float32/float64 Grassmann1 parameters; every
+other manifold, half precision and ``lr = 0`` keep the straightforward composition of the
+manifold's operators. Both must give the same trajectories to float rounding.
+"""
+
+from __future__ import annotations
+
+import geoopt
+import pytest
+import torch
+
+from rbn_geoopt import SGDG, AdamG, Grassmann1
+from rbn_geoopt.kernels import dispatch
+from rbn_geoopt.optim import functional
+
+CONFIGS = [
+    dict(momentum=0.9),
+    dict(momentum=0.0),
+    dict(momentum=0.9, grad_clip=0.05),
+    dict(momentum=0.9, grad_clip=0.05, omega=0.1),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _trajectory(cls, shape, ndim, dtype, hyper, foreach, steps=25):
+    gen = torch.Generator().manual_seed(3)
+    w = geoopt.ManifoldParameter(
+        torch.randn(shape, generator=gen, dtype=dtype) * 3.0, manifold=Grassmann1(ndim=ndim)
+    )
+    target = torch.randn(shape, generator=gen, dtype=dtype)
+    opt = cls([w], foreach=foreach, **hyper)
+    for _ in range(steps):
+        opt.zero_grad()
+        rows = w.reshape(shape[0], -1)
+        unit = rows / rows.norm(dim=1, keepdim=True)
+        loss = ((unit - target.reshape(shape[0], -1)) ** 2).sum() + (unit @ unit.T).sum()
+        loss.backward()
+        opt.step()
+    return w.detach().clone(), opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, ndim", [((6, 10), 1), ((5, 3, 2, 2), 3)])
+@pytest.mark.parametrize("hyper", CONFIGS)
+@pytest.mark.parametrize("cls, lr", [(SGDG, 0.2), (AdamG, 0.05)])
+def test_fused_equals_straightforward(cls, lr, hyper, shape, ndim, dtype):
+    hyper = dict(hyper, lr=lr)
+    if cls is AdamG:
+        hyper.pop("momentum")
+    fused, opt_f = _trajectory(cls, shape, ndim, dtype, hyper, foreach=None)
+    plain, opt_p = _trajectory(cls, shape, ndim, dtype, hyper, foreach=False)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(fused, plain, rtol=0, atol=tol)
+    (p_f,), (p_p,) = opt_f.param_groups[0]["params"], opt_p.param_groups[0]["params"]
+    for key, value in opt_p.state[p_p].items():
+        torch.testing.assert_close(opt_f.state[p_f][key], value, rtol=0, atol=tol * 10)
+    rows = fused.reshape(shape[0], -1).norm(dim=1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=tol)
+
+
+def _count_fused_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("sgdg_step_", "adamg_step_"):
+        real = getattr(functional, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(functional, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
+def test_path_selection(cls, monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    hyper = dict(lr=0.1, momentum=0.9) if cls is SGDG else dict(lr=0.1)
+    _trajectory(cls, (4, 6), 1, torch.float64, hyper, foreach=None, steps=2)
+    assert len(calls) == 2  # default: fused for a float64 Grassmann1 parameter
+    calls.clear()
+    _trajectory(cls, (4, 6), 1, torch.float64, hyper, foreach=False, steps=2)
+    assert calls == []  # foreach=False: the straightforward composition
+    scaled = geoopt.ManifoldParameter(torch.randn(4, 6), manifold=geoopt.Scaled(Grassmann1(), 2))
+    half = geoopt.ManifoldParameter(torch.randn(4, 6, dtype=torch.bfloat16), manifold=Grassmann1())
+    opt = cls([scaled, half], **hyper)
+    scaled.grad, half.grad = torch.randn(4, 6), torch.randn(4, 6, dtype=torch.bfloat16)
+    opt.step()
+    assert calls == []  # Scaled changes the math; half precision keeps float32 composition
+
+
+def test_fused_backend_torch_equals_c(monkeypatch):
+    """With the C extension forced off, the optimizer's fused path runs in pure torch."""
+    if not dispatch.c_available():
+        pytest.skip("C extension not built: the torch backend is the only one")
+    hyper = dict(lr=0.2, momentum=0.9, grad_clip=0.05)
+    with_c, _ = _trajectory(SGDG, (6, 10), 1, torch.float64, hyper, foreach=None)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    with_torch, _ = _trajectory(SGDG, (6, 10), 1, torch.float64, hyper, foreach=None)
+    torch.testing.assert_close(with_c, with_torch, rtol=0, atol=1e-12)
