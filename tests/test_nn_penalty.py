@@ -116,3 +116,22 @@ def test_inputs():
     with pytest.raises(TypeError, match="module, a tensor"):
         orthogonality_penalty(3.0)
     assert isinstance(model, nn.Module)
+
+
+def test_fsdp2_parameters_are_refused_not_silently_zero(tmp_path):
+    """FSDP2 turns parameters into DTensors without a manifold: refuse, never return 0."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch built without distributed/gloo support")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(0)]))
+        with pytest.raises(TypeError, match="DTensor.*omega"):
+            orthogonality_penalty([sharded], omega=0.1)
+    finally:
+        dist.destroy_process_group()

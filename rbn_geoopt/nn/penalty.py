@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from ..optim.distributed import is_dtensor
 from .dataflow import is_grassmann1
 
 __all__ = ["orthogonality_penalty"]
@@ -58,6 +59,13 @@ def orthogonality_penalty(
     terms = []
     for p in params:
         if not is_grassmann1(p):
+            if is_dtensor(p):
+                raise TypeError(
+                    "orthogonality_penalty: a DTensor parameter (FSDP2 fully_shard) has lost "
+                    "its ManifoldParameter class, so its manifold is unknown here; give the "
+                    "manifold per param group to SGDG/AdamG and use their omega, which "
+                    "gathers the full weight"
+                )
             continue
         ndim = p.manifold.ndim
         rows = p.reshape(-1, math.prod(p.shape[p.dim() - ndim :]))
