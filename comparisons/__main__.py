@@ -1,0 +1,226 @@
+"""Command line: ``python -m comparisons [--quick | --full | --smoke] [options]``.
+
+Runs the selected studies and writes ``summary.md``, ``results.json`` and PNG plots into
+``--out`` (default ``results/``), rewritten after each study so that a long run leaves its
+finished part behind. Bad input (unknown study or method, unwritable ``--out``, missing
+data, bad seeds or device) prints one line ``error: ...`` and exits with status 2.
+
+Examples::
+
+    python -m comparisons                       # --quick: all studies, <= 5 min on 2 cores
+    python -m comparisons --full --out results  # the README's table (about 55 min)
+    python -m comparisons --sweep --study sweep # only the learning-rate sweep
+    python -m comparisons --study B --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STUDIES = ("A", "sweep", "B", "C")
+DEFAULT_SEEDS = {"smoke": [0], "quick": [0], "full": [0, 1]}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; its message is printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m comparisons",
+        description="SGD-G / Adam-G against geoopt's sphere optimizers and torch.",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="small budget, <= 5 min on 2 CPU cores (default)",
+    )
+    mode.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="the README's budget, about 55 min on 2 idle CPU cores",
+    )
+    mode.add_argument(
+        "--smoke",
+        dest="mode",
+        action="store_const",
+        const="smoke",
+        help="a few batches per study (CI), < 1 min",
+    )
+    p.set_defaults(mode="quick")
+    p.add_argument("--out", default="results", help="output directory (default: results/)")
+    p.add_argument(
+        "--study",
+        default="A,B,C",
+        help="comma-separated studies among A, B, C, sweep (default: A,B,C)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also run the learning-rate sweep chosen on a validation split "
+        "(about 12 min with --quick, 35 min with --full, on 2 idle cores)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated study-A methods (default: all): "
+        "sgd, sgdg, adamg, rsgd-sphere, rsgd-sphereexact, radam-sphere, "
+        "radam-sphereexact, adam",
+    )
+    p.add_argument("--seeds", default=None, help="comma-separated integer seeds")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
+    p.add_argument("--data", default=None, help="directory with the Fashion-MNIST idx files")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def parse_studies(text: str, sweep: bool) -> list[str]:
+    by_name = {s.lower(): s for s in STUDIES}
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n.lower() not in by_name]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown study name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"known: {', '.join(STUDIES)}"
+        )
+    chosen = {by_name[n.lower()] for n in names} | ({"sweep"} if sweep else set())
+    return [s for s in STUDIES if s in chosen]
+
+
+def parse_seeds(text: str | None, mode: str) -> list[int]:
+    if text is None:
+        return list(DEFAULT_SEEDS[mode])
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds must be non-negative integers, got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def check_out_dir(out: str) -> Path:
+    """Create ``out`` and prove it writable, or raise UsageError."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UsageError(f"--out {out!r} is not a writable directory ({reason})") from None
+    return path
+
+
+def check_device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Validate everything, then run the studies; returns the files written."""
+    studies = parse_studies(args.study, args.sweep)
+    seeds = parse_seeds(args.seeds, args.mode)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    from .methods import parse_methods
+
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    out = check_out_dir(args.out)
+
+    import geoopt
+    import torch
+
+    from . import report, study_a, study_b, study_c
+    from .data import DataError, load_fashion_mnist
+
+    device = check_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    data = None
+    if "A" in studies or "sweep" in studies:
+        try:
+            data = load_fashion_mnist(args.data)
+        except DataError as err:
+            raise UsageError(str(err)) from None
+
+    progress = not args.no_progress
+    start = time.perf_counter()
+    results: dict = {
+        "meta": {
+            "mode": args.mode,
+            "studies": studies,
+            "seeds": seeds,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "geoopt": geoopt.__version__,
+            "command": "python -m comparisons " + " ".join(sys.argv[1:]),
+            "seconds": 0.0,
+            "study_seconds": {},
+            "study_cpu_seconds": {},
+        }
+    }
+    files: list[Path] = []
+    for study in studies:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if study == "A":
+            budget = study_a.BUDGETS[args.mode]
+            results["A"] = study_a.run_study_a(budget, data, methods, seeds, device, progress)
+        elif study == "sweep":
+            budget = study_a.BUDGETS[args.mode]
+            results["sweep"] = study_a.run_sweep(budget, data, methods, seeds, device, progress)
+        elif study == "B":
+            results["B"] = study_b.run_study_b(study_b.BUDGETS[args.mode], seeds, progress)
+        else:
+            budget = study_c.BUDGETS[args.mode]
+            results["C"] = study_c.run_study_c(budget, progress, device=device)
+        results["meta"]["study_seconds"][study] = time.perf_counter() - t0
+        results["meta"]["study_cpu_seconds"][study] = time.process_time() - c0
+        results["meta"]["seconds"] = time.perf_counter() - start
+        # summary and json after every study (a long run leaves its finished part behind)
+        written = report.write_all(results, out, plots=(study,))
+        files = list(dict.fromkeys(files + written))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        files = run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(files)} files to {files[0].parent if files else args.out}/")
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

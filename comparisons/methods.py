@@ -1,0 +1,319 @@
+"""The methods of study A: method key -> how to build its optimizer for a model.
+
+Every method trains the same network; they differ only in how the scale-invariant weights
+(the names that ``rbn_geoopt.nn.to_grassmann`` returns, "G-weights" below) and the other
+parameters are stepped:
+
+=============================  =============================================================
+``sgd``    SGD                 torch SGD, Nesterov momentum 0.9, weight decay 5e-4, lr 0.1
+``sgdg``   SGD-G               the paper's recipe: G-weights on ``Grassmann1`` with SGD-G
+                               (lr_g 0.2, momentum 0.9, clip nu 0.1, orthogonality 0.1); the
+                               rest Nesterov SGD (lr 0.01, wd 5e-4) in the same optimizer
+``adamg``  Adam-G              as SGD-G with Adam-G (lr_g 0.05, betas (0.9, 0.99), eps 1e-8)
+``rsgd-sphere``                geoopt ``RiemannianSGD`` with the G-weights' rows on ``Sphere``
+``rsgd-sphereexact``           ... on ``SphereExact``
+``radam-sphere``               geoopt ``RiemannianAdam`` on ``Sphere`` (betas, eps as Adam-G)
+``radam-sphereexact``          ... on ``SphereExact``
+``adam``   Adam                torch Adam, lr 1e-3, no weight decay
+=============================  =============================================================
+
+The four geoopt methods use the same rows, the same learning rates, the same per-row
+gradient clipping and the same orthogonality term as SGD-G/Adam-G (applied by
+:class:`SphereHook` before the step), and the same Nesterov SGD for the other parameters,
+so that the only difference is the geometry of the update: geoopt's projection transport
+and (for ``Sphere``) its normalizing retraction, its ``eps`` outside the square root.
+
+Example::
+
+    prepared = prepare(METHODS["sgdg"], VGGNet())
+    prepared.optimizer.step()
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import geoopt
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["METHODS", "Method", "Prepared", "prepare", "grassmann_names", "parse_methods"]
+
+#: the paper's fixed hyper-parameters (Cho & Lee 2017, section 5)
+PAPER = {
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "grad_clip": 0.1,
+    "omega": 0.1,
+    "betas": (0.9, 0.99),
+    "eps": 1e-8,
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One optimizer configuration of study A.
+
+    ``rule`` is ``"sgd"`` or ``"adam"`` (the update of the G-weights), ``geometry`` is
+    ``"euclidean"`` (nothing on a manifold), ``"grassmann"``, ``"Sphere"`` or
+    ``"SphereExact"``; ``lrs`` are the published learning rates (``lr`` for the plain
+    parameters, ``lr_g`` for the G-weights) and ``grid`` the learning rates of the sweep.
+    """
+
+    key: str
+    label: str
+    rule: str
+    geometry: str
+    lrs: dict[str, float]
+    grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+_SGDG_GRID = {"lr_g": (0.05, 0.2, 0.8), "lr": (0.01, 0.1)}
+_ADAMG_GRID = {"lr_g": (0.0125, 0.05, 0.2), "lr": (0.01, 0.1)}
+
+METHODS: dict[str, Method] = {
+    m.key: m
+    for m in (
+        Method("sgd", "SGD", "sgd", "euclidean", {"lr": 0.1}, {"lr": (0.03, 0.1, 0.3)}),
+        Method("sgdg", "SGD-G", "sgd", "grassmann", {"lr_g": 0.2, "lr": 0.01}, _SGDG_GRID),
+        Method("adamg", "Adam-G", "adam", "grassmann", {"lr_g": 0.05, "lr": 0.01}, _ADAMG_GRID),
+        Method(
+            "rsgd-sphere",
+            "RiemannianSGD (Sphere)",
+            "sgd",
+            "Sphere",
+            {"lr_g": 0.2, "lr": 0.01},
+            _SGDG_GRID,
+        ),
+        Method(
+            "rsgd-sphereexact",
+            "RiemannianSGD (SphereExact)",
+            "sgd",
+            "SphereExact",
+            {"lr_g": 0.2, "lr": 0.01},
+            _SGDG_GRID,
+        ),
+        Method(
+            "radam-sphere",
+            "RiemannianAdam (Sphere)",
+            "adam",
+            "Sphere",
+            {"lr_g": 0.05, "lr": 0.01},
+            _ADAMG_GRID,
+        ),
+        Method(
+            "radam-sphereexact",
+            "RiemannianAdam (SphereExact)",
+            "adam",
+            "SphereExact",
+            {"lr_g": 0.05, "lr": 0.01},
+            _ADAMG_GRID,
+        ),
+        Method("adam", "Adam", "adam", "euclidean", {"lr": 1e-3}, {"lr": (3e-4, 1e-3, 3e-3)}),
+    )
+}
+
+
+def parse_methods(text: str | Iterable[str] | None) -> list[Method]:
+    """``"sgd,sgdg"`` (or a list of keys, or None for all) -> methods, in the given order."""
+    if text is None:
+        return list(METHODS.values())
+    keys = [k.strip() for k in (text.split(",") if isinstance(text, str) else text)]
+    keys = [k for k in keys if k]
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown or not keys:
+        raise ValueError(
+            f"unknown method name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"known: {', '.join(METHODS)}"
+        )
+    return [METHODS[k] for k in dict.fromkeys(keys)]
+
+
+class OptimizerChain:
+    """Several optimizers stepped as one (``param_groups`` is their concatenation)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def orthogonality_egrad(rows: torch.Tensor, omega: float) -> torch.Tensor:
+    """Gradient of ``omega/2 ||Yh Yh^T - I||_F^2`` w.r.t. the rows ``y_i`` (``Yh = y/|y|``):
+    ``(G_i - <G_i, yh_i> yh_i) / |y_i|`` with ``G = 2 omega (Yh Yh^T Yh - Yh)``."""
+    radius = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    yh = rows / radius
+    g = (2.0 * omega) * ((yh @ yh.T) @ yh - yh)
+    return (g - (g * yh).sum(dim=1, keepdim=True) * yh) / radius
+
+
+class SphereHook:
+    """What SGD-G/Adam-G do to the G-weights' gradient, for geoopt's sphere optimizers.
+
+    Before each step, for every sphere weight ``y`` (unit rows) with gradient ``g``:
+    ``h = proju(y, g + orthogonality_egrad(y))``, then ``h *= min(1, nu / |h|)`` per row,
+    written back to ``y.grad``. geoopt then applies its own update to this tangent vector.
+    """
+
+    def __init__(self, params: list[torch.Tensor], grad_clip: float, omega: float) -> None:
+        self.params, self.grad_clip, self.omega = params, grad_clip, omega
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.omega:
+                g = g + orthogonality_egrad(p, self.omega)
+            h = p.manifold.proju(p, g)
+            norm = torch.linalg.vector_norm(h, dim=1, keepdim=True)
+            scale = torch.where(norm > self.grad_clip, self.grad_clip / norm, 1.0)
+            p.grad.copy_(h * scale)
+
+
+class _Rows(nn.Module):
+    """Parametrization: the stored ``(out, n)`` matrix of rows -> the layer's weight shape."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.reshape(self.shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return _rows_of(weight)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    module, _, attr = name.rpartition(".")
+    return module, attr
+
+
+def current_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor the forward pass uses for parameter ``name`` (parametrizations applied)."""
+    module, attr = _split_name(name)
+    return getattr(model.get_submodule(module), attr)
+
+
+def to_sphere(model: nn.Module, names: list[str], manifold: geoopt.Manifold) -> list[nn.Parameter]:
+    """Store each named weight as a ``(out, n)`` ``ManifoldParameter`` on ``manifold`` (unit
+    rows; BN makes the rescaling harmless), reshaped back in the forward pass."""
+    params = []
+    for name in names:
+        module_name, attr = _split_name(name)
+        module = model.get_submodule(module_name)
+        weight = getattr(module, attr)
+        parametrize.register_parametrization(module, attr, _Rows(weight.shape))
+        holder = module.parametrizations[attr]
+        rows = manifold.projx(holder.original.detach().clone())
+        holder.original = geoopt.ManifoldParameter(rows, manifold=manifold)
+        params.append(holder.original)
+    return params
+
+
+def grassmann_names(model: nn.Module) -> list[str]:
+    """The names of the scale-invariant weights, as ``rbn_geoopt.nn.to_grassmann`` picks
+    them (found on a copy: ``model`` is not changed)."""
+    from rbn_geoopt.nn import to_grassmann
+
+    return list(to_grassmann(copy.deepcopy(model)))
+
+
+@dataclass
+class Prepared:
+    """A model ready to train: its optimizer, the hook to call between ``backward`` and
+    ``step`` (or None), and the names of its G-weights (for the angular-update log)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | OptimizerChain
+    before_step: Callable[[], None] | None
+    g_names: list[str]
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Multiply every group's learning rate by ``factor`` relative to its initial one."""
+        if not hasattr(self, "_base"):
+            self._base = [g["lr"] for g in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, self._base, strict=True):
+            group["lr"] = base * factor
+
+
+def _split_params(model: nn.Module, g_names: list[str]) -> tuple[list, list]:
+    named = dict(model.named_parameters())
+    g = [named[n] for n in g_names]
+    g_ids = {id(p) for p in g}
+    return g, [p for p in named.values() if id(p) not in g_ids]
+
+
+def _euclidean_sgd_group(params: list, lr: float) -> dict:
+    return {
+        "params": params,
+        "lr": lr,
+        "momentum": PAPER["momentum"],
+        "nesterov": True,
+        "weight_decay": PAPER["weight_decay"],
+    }
+
+
+def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = None) -> Prepared:
+    """Build ``method``'s optimizer for ``model`` (changed in place for the manifold
+    methods); ``lrs`` overrides the published learning rates (the sweep)."""
+    lrs = {**method.lrs, **(lrs or {})}
+    g_names = grassmann_names(model)
+    if method.geometry == "euclidean":
+        if method.rule == "sgd":
+            opt = torch.optim.SGD(**_euclidean_sgd_group(list(model.parameters()), lrs["lr"]))
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=lrs["lr"])
+        return Prepared(model, opt, None, g_names)
+
+    if method.geometry == "grassmann":
+        from rbn_geoopt.nn import to_grassmann
+        from rbn_geoopt.optim import create
+
+        g_names = list(to_grassmann(model))
+        g_params, rest = _split_params(model, g_names)
+        g_group = {
+            "params": g_params,
+            "lr": lrs["lr_g"],
+            "grad_clip": PAPER["grad_clip"],
+            "omega": PAPER["omega"],
+        }
+        if method.rule == "sgd":
+            g_group["momentum"] = PAPER["momentum"]
+        else:
+            g_group.update(betas=PAPER["betas"], eps=PAPER["eps"])
+        rest_group = {**_euclidean_sgd_group(rest, lrs["lr"]), "euclidean": "sgd"}
+        name = "sgdg" if method.rule == "sgd" else "adamg"
+        return Prepared(model, create(name, [g_group, rest_group], lr=lrs["lr"]), None, g_names)
+
+    manifold = geoopt.Sphere() if method.geometry == "Sphere" else geoopt.SphereExact()
+    rest_before = [p for n, p in model.named_parameters() if n not in g_names]
+    g_params = to_sphere(model, g_names, manifold)
+    rest = torch.optim.SGD(**_euclidean_sgd_group(rest_before, lrs["lr"]))
+    if method.rule == "sgd":
+        sphere = geoopt.optim.RiemannianSGD(g_params, lr=lrs["lr_g"], momentum=PAPER["momentum"])
+    else:
+        sphere = geoopt.optim.RiemannianAdam(
+            g_params, lr=lrs["lr_g"], betas=PAPER["betas"], eps=PAPER["eps"]
+        )
+    hook = SphereHook(g_params, PAPER["grad_clip"], PAPER["omega"])
+    return Prepared(model, OptimizerChain(sphere, rest), hook, g_names)

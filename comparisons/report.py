@@ -1,0 +1,343 @@
+"""Tables (Markdown), ``results.json`` and PNG plots from the studies' result dicts.
+
+``write_all(results, out_dir)`` writes ``summary.md``, ``results.json`` and the plots and
+returns the list of files written. ``results`` is ``{"meta": {...}, "A": ..., "sweep": ...,
+"B": ..., "C": ...}`` with any study left out.
+
+Example::
+
+    results = {"meta": {"mode": "smoke"}, "C": run_study_c(BUDGETS["smoke"])}
+    write_all(results, Path("results"))  # [results/summary.md, results/results.json, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+__all__ = ["write_all", "summary_markdown"]
+
+NONE = "—"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return NONE
+    return f"{x:.{digits}f}"
+
+
+def _sci(x: float | None) -> str:
+    return NONE if x is None else f"{x:.1e}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _lrs(lrs: dict | None) -> str:
+    if not lrs:
+        return NONE
+    return ", ".join(f"{k}={v:g}" for k, v in lrs.items())
+
+
+def _model_name(spec: dict) -> str:
+    args = ", ".join(
+        f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in spec.items() if k != "name"
+    )
+    return f"{spec['name']}({args})"
+
+
+def study_a_markdown(result: dict) -> list[str]:
+    lines = ["## Study A — BN-CNN on Fashion-MNIST (recipe as published)", ""]
+    for key, model in result["models"].items():
+        cfg = model["config"]
+        lines += [
+            f"### {key}: {_model_name(cfg['model'])}",
+            "",
+            f"{cfg['train']} training / {cfg['test']} test images, {cfg['epochs']} epochs, "
+            f"batch {cfg.get('batch_size', 128)}, LR x0.2 at epochs {model['drops']} "
+            f"(0-based), seeds {result['seeds']}. Baseline for 'epochs to reach': "
+            f"{model['baseline_method']} at {model['baseline_error']:.2f}% test error.",
+            "",
+        ]
+        header = [
+            "Method",
+            "learning rates",
+            "test error % median (min–max)",
+            "final train loss",
+            f"epochs to {model['baseline_method']}'s error",
+            "s / epoch",
+            "angle / step (deg), first → last epoch",
+        ]
+        rows = []
+        for label, entry in model["methods"].items():
+            s = entry["summary"]
+            rows.append(
+                [
+                    label,
+                    _lrs(entry["lrs"]),
+                    f"{s['test_error_median']:.2f} ({s['test_error_min']:.2f}–"
+                    f"{s['test_error_max']:.2f})",
+                    f"{s['train_loss_median']:.4f}",
+                    NONE if s["epochs_to_baseline"] is None else str(s["epochs_to_baseline"]),
+                    _num(s["seconds_per_epoch"], 1),
+                    f"{_num(s['angle_deg_first_epoch'], 3)} → {_num(s['angle_deg_last_epoch'], 3)}",
+                ]
+            )
+        lines += _table(header, rows) + [""]
+    return lines
+
+
+def sweep_markdown(result: dict) -> list[str]:
+    cfg = result["config"]
+    lines = [
+        "## Study A — learning-rate sweep (chosen on a validation split, compared on test)",
+        "",
+        f"{_model_name(cfg['model'])}: {cfg['fit']} training images, {cfg['val']} validation "
+        f"images carved from the training set, {cfg['test']} test images, {cfg['epochs']} "
+        f"epochs, LR x0.2 at epochs {result['drops']}. Chosen by the final validation "
+        "error of the first seed.",
+        "",
+    ]
+    header = ["Method", "chosen", "grid size", "val error %", "test error % median (min–max)"]
+    rows = []
+    for label, e in result["methods"].items():
+        rows.append(
+            [
+                label,
+                _lrs(e["chosen"]),
+                str(len(e["grid"])),
+                f"{e['val_error']:.2f}",
+                f"{e['test_error_median']:.2f} ({e['test_error_min']:.2f}–"
+                f"{e['test_error_max']:.2f})",
+            ]
+        )
+    return lines + _table(header, rows) + [""]
+
+
+def study_b_markdown(result: dict) -> list[str]:
+    lines = [
+        "## Study B — Rayleigh quotient on G(1,n)",
+        "",
+        f"Iterations and seconds until f(y) - f* <= {result['tol']:g} (f* from numpy.linalg.eigh; "
+        f"eigengap {result['eigengap']:g}, at most {result['max_iters']} iterations). Torch "
+        "methods: best point of a small lr (momentum) grid; pymanopt: untuned.",
+        "",
+    ]
+    for n, entry in result["sizes"].items():
+        lines += [f"### n = {n}", ""]
+        header = ["Method", "hyper-parameters", "iterations", "seconds", "reached", "final gap"]
+        rows = []
+        for label, s in entry["methods"].items():
+            its = s["iterations"]
+            rows.append(
+                [
+                    label,
+                    _lrs(s["hyper"]),
+                    NONE if its is None else f"{its:.0f}",
+                    _num(s["seconds"], 3),
+                    f"{s['reached']}/{s['runs']}",
+                    _sci(s["final_gap"]),
+                ]
+            )
+        lines += _table(header, rows) + [""]
+    return lines
+
+
+def study_c_markdown(result: dict) -> list[str]:
+    lines = [
+        "## Study C — optimizer step time",
+        "",
+        f"Conv weights of a ResNet-18 ({result['n_params']:,} parameters), one `step()` with a "
+        f"fixed gradient, methods interleaved, median of {result['rounds']} rounds, "
+        f"{result['threads']} thread(s). Ratio = time / time of the torch baseline (foreach).",
+        "",
+    ]
+    header = ["Method", "baseline", "step time ratio"]
+    rows = [
+        [label, result["baseline_of"][label], f"{ratio:.2f}"]
+        for label, ratio in result["ratios"].items()
+    ]
+    return lines + _table(header, rows) + [""]
+
+
+def summary_markdown(results: dict) -> str:
+    meta = results.get("meta", {})
+    lines = [
+        "# rbn_geoopt comparisons",
+        "",
+        f"Mode `{meta.get('mode')}`, device `{meta.get('device')}`, seeds {meta.get('seeds')}, "
+        f"torch {meta.get('torch')}, geoopt {meta.get('geoopt')}, "
+        f"wall time {meta.get('seconds', 0):.0f} s.",
+        "",
+    ]
+    if "A" in results:
+        lines += study_a_markdown(results["A"])
+    if "sweep" in results:
+        lines += sweep_markdown(results["sweep"])
+    if "B" in results:
+        lines += study_b_markdown(results["B"])
+    if "C" in results:
+        lines += study_c_markdown(results["C"])
+    return "\n".join(lines)
+
+
+def _mark_drops(ax, drops: list[int], offset: float = 0.5, label: bool = True) -> None:
+    """Vertical lines between the last epoch at the old rate and the first at the new."""
+    for i, d in enumerate(drops):
+        text = "LR x0.2" if i == 0 and label else None
+        ax.axvline(d + offset, color="grey", ls=":", lw=1, label=text)
+
+
+def plot_study_a(result: dict, out: Path) -> list[Path]:
+    files = []
+    for key, model in result["models"].items():
+        fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+        for label, entry in model["methods"].items():
+            runs = entry["runs"]
+            epochs = range(1, len(runs[0]["train_loss"]) + 1)
+            loss = [statistics.median(r["train_loss"][e - 1] for r in runs) for e in epochs]
+            style = "--" if "Riemannian" in label else "-"
+            ax_loss.plot(epochs, loss, style, marker="o", ms=3, label=label)
+            ax_err.plot(
+                epochs, entry["summary"]["test_error_curve_median"], style, marker="o", ms=3
+            )
+        for ax in (ax_loss, ax_err):
+            _mark_drops(ax, model["drops"], label=ax is ax_loss)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax_loss.set_ylabel("training loss (epoch mean, median over seeds)")
+        ax_err.set_ylabel("test error % (median over seeds)")
+        handles, labels = ax_loss.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
+        fig.suptitle(f"Study A, {key}: same init, data order and LR schedule", fontsize=9)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = out / f"study_a_{key}_curves.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+        files += _plot_angles(key, model, out)
+    return files
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    if window <= 1 or len(values) < window:
+        return values
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _plot_angles(key: str, model: dict, out: Path) -> list[Path]:
+    chosen = [m for m in ("SGD", "SGD-G") if m in model["methods"]]
+    series = {m: model["methods"][m]["runs"][0].get("angle_per_step", {}) for m in chosen}
+    layers = list(dict.fromkeys(name for s in series.values() for name in s))
+    if not layers:
+        return []
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for m in chosen:
+            values = [math.degrees(v) for v in series[m].get(layer, [])]
+            if not values:
+                continue
+            steps_per_epoch = max(
+                len(values) // len(model["methods"][m]["runs"][0]["train_loss"]), 1
+            )
+            window = max(steps_per_epoch // 10, 1)
+            ax.plot(range(1, len(values) + 1), _smooth(values, window), lw=1, label=m)
+        n_epochs = len(model["methods"][chosen[0]]["runs"][0]["train_loss"])
+        total = len(series[chosen[0]].get(layer, []))
+        for i, d in enumerate(model["drops"]):
+            ax.axvline(
+                d * total / max(n_epochs, 1),
+                color="grey",
+                ls=":",
+                lw=1,
+                label="LR x0.2" if i == 0 else None,
+            )
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(layer, fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean angle per step (deg)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Study A, {key}: how far each step turns the weight rows (seed 0)", fontsize=9)
+    fig.tight_layout()
+    path = out / f"study_a_{key}_angles.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
+def plot_study_b(result: dict, out: Path) -> list[Path]:
+    sizes = list(result["sizes"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    for ax, n in zip(axes[0], sizes, strict=True):
+        for i, (label, s) in enumerate(result["sizes"][n]["methods"].items()):
+            gaps = [max(g, 1e-17) for g in s["gaps"] if math.isfinite(g)]
+            ax.plot(range(len(gaps)), gaps, ("-", "--", ":")[i % 3], lw=1.2, label=label)
+        ax.axhline(result["tol"], color="grey", ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("f(y) - f*")
+        ax.set_title(f"n = {n} (first seed, chosen hyper-parameters)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "study_b_rayleigh.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
+def plot_study_c(result: dict, out: Path) -> list[Path]:
+    labels = list(result["ratios"])
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    ax.barh(labels, [result["ratios"][k] for k in labels], color="tab:blue")
+    ax.axvline(1.0, color="k", lw=1)
+    for i, k in enumerate(labels):
+        ax.text(result["ratios"][k], i, f" {result['ratios'][k]:.2f}x", va="center", fontsize=8)
+    ax.set_xlabel("step time / torch's (foreach SGD or Adam)")
+    ax.set_title(f"Study C: ResNet-18 conv weights, {result['n_params']:,} parameters", fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    path = out / "study_c_step_time.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
+def write_all(results: dict, out: Path, plots: tuple[str, ...] = ("A", "B", "C")) -> list[Path]:
+    """Write ``summary.md``, ``results.json`` and the plots of the studies in ``plots``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = out / "summary.md"
+    summary.write_text(summary_markdown(results) + "\n")
+    raw = out / "results.json"
+    raw.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    files = [summary, raw]
+    plotters = {"A": plot_study_a, "B": plot_study_b, "C": plot_study_c}
+    for study in plots:
+        if study in results and study in plotters:
+            files += plotters[study](results[study], out)
+    return files

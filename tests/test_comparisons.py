@@ -1,0 +1,467 @@
+"""comparisons/: the CLI end to end (smoke mode, bad input) and the pieces it is built from.
+
+The smoke run uses a small synthetic Fashion-MNIST written as gzipped idx files, so that it
+needs no installed data set; one test reads the real files when they are installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from comparisons import __main__ as cli
+from comparisons import study_b, study_c
+from comparisons.data import (
+    DEFAULT_DIRS,
+    DataError,
+    carve_validation,
+    load_fashion_mnist,
+    read_idx,
+    resolve_dir,
+)
+from comparisons.methods import METHODS, current_weight, parse_methods, prepare
+from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
+from comparisons.train import lr_drops, row_angles, train_run
+
+ROOT = Path(__file__).resolve().parent.parent
+ISSUE_LABELS = [
+    "SGD",
+    "SGD-G",
+    "Adam-G",
+    "RiemannianSGD (Sphere)",
+    "RiemannianSGD (SphereExact)",
+    "RiemannianAdam (Sphere)",
+    "RiemannianAdam (SphereExact)",
+    "Adam",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data, compresslevel=1))
+    else:
+        path.write_bytes(data)
+
+
+def fake_fashion_mnist(directory: Path, n_train: int = 600, n_test: int = 300) -> Path:
+    """Learnable fake data: one random blocky template per class, plus noise."""
+    rng = np.random.default_rng(0)
+    templates = rng.integers(0, 2, (10, 7, 7)).repeat(4, axis=1).repeat(4, axis=2) * 160
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        noise = rng.integers(0, 90, (n, 28, 28))
+        images = (templates[labels] + noise).astype(np.uint8)
+        write_idx(directory / f"{stem}-images-idx3-ubyte", images)
+        write_idx(directory / f"{stem}-labels-idx1-ubyte", labels)
+    return directory
+
+
+def numbers(obj, path="$"):
+    """Every (path, number) in a JSON tree."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The studies are small: one thread avoids oversubscribing a shared 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory) -> Path:
+    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+# --------------------------------------------------------------------- smoke, end to end
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory, fake_data) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("smoke") / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "comparisons",
+            "--smoke",
+            "--sweep",
+            "--out",
+            str(out),
+            "--data",
+            str(fake_data),
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return out, proc
+
+
+def test_smoke_run_writes_every_file(smoke_out):
+    out, proc = smoke_out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in (
+        "summary.md",
+        "results.json",
+        "study_a_vgg_curves.png",
+        "study_a_vgg_angles.png",
+        "study_a_preact_resnet_curves.png",
+        "study_b_rayleigh.png",
+        "study_c_step_time.png",
+    ):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_smoke_results_are_complete_and_finite(smoke_out):
+    out, proc = smoke_out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"meta", "A", "sweep", "B", "C"}
+    values = list(numbers(results))
+    assert len(values) > 100
+    bad = [(p, v) for p, v in values if not math.isfinite(v)]
+    assert not bad, bad[:5]
+    for model in results["A"]["models"].values():
+        assert list(model["methods"]) == ISSUE_LABELS
+        for entry in model["methods"].values():
+            s = entry["summary"]
+            assert 0 <= s["test_error_median"] <= 100
+            assert s["train_loss_median"] > 0 and s["seconds_per_epoch"] > 0
+    assert list(results["sweep"]["methods"]) == ISSUE_LABELS
+    b = results["B"]["sizes"]["20"]["methods"]
+    assert b["pymanopt TrustRegions (Sphere)"]["iterations"] is not None
+    assert b["SGD-G"]["iterations"] is not None
+    assert set(results["C"]["ratios"]) == set(study_c.BASELINE_OF)
+    assert all(r > 0 for r in results["C"]["ratios"].values())
+
+
+def test_smoke_summary_has_a_table_per_study_with_the_issue_names(smoke_out):
+    out, proc = smoke_out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "summary.md").read_text()
+    for heading in ("## Study A", "learning-rate sweep", "## Study B", "## Study C"):
+        assert heading in text
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    for label in ISSUE_LABELS:
+        assert label in rows, label
+    assert "pymanopt SteepestDescent (Sphere)" in rows
+    assert "nan" not in text.lower() and "inf " not in text.lower()
+
+
+# -------------------------------------------------------------------------- bad input
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--study", "A,D"], "unknown study name(s) 'D'"),
+        (["--study", ""], "unknown study"),
+        (["--methods", "sgd,lbfgs"], "unknown method name(s) 'lbfgs'"),
+        (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+        (["--seeds", "-1"], "non-negative"),
+        (["--device", "nonsense"], "is not a torch device"),
+    ],
+)
+def test_bad_names_give_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    assert cli.main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert needle in _error_line(capsys)
+
+
+def test_unwritable_out_gives_one_line(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert cli.main(["--study", "C", "--out", str(blocker / "sub")]) == 2
+    assert "is not a writable directory" in _error_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
+def test_read_only_out_gives_one_line(capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert cli.main(["--study", "C", "--out", str(ro)]) == 2
+    finally:
+        ro.chmod(0o700)
+    assert "is not a writable directory" in _error_line(capsys)
+
+
+def test_missing_data_dir_one_line_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "comparisons",
+            "--smoke",
+            "--study",
+            "A",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "apt-get install -y dataset-fashion-mnist" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------- data
+def test_idx_reader_round_trip_plain_and_gzip(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "x", a, gz=False)
+    write_idx(tmp_path / "y", a, gz=True)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x"), a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "y.gz"), a)
+
+
+def test_idx_reader_refuses_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x00" * 3)
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_loader_standardizes_and_validation_split_is_disjoint(fake_data):
+    train, test = load_fashion_mnist(fake_data)
+    assert train.images.shape == (600, 1, 28, 28) and test.labels.shape == (300,)
+    assert train.images.dtype == torch.float32 and train.labels.dtype == torch.int64
+    fit, val = carve_validation(train, 100)
+    assert len(fit) == 500 and len(val) == 100
+    rows = {tuple(x.flatten()[:64].tolist()) for x in fit.images}
+    assert not any(tuple(x.flatten()[:64].tolist()) in rows for x in val.images)
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        resolve_dir(fake_data / "missing")
+
+
+@pytest.mark.skipif(
+    not all(Path(d).is_dir() for d in DEFAULT_DIRS), reason="dataset-fashion-mnist not installed"
+)
+def test_real_fashion_mnist_when_installed():
+    train, test = load_fashion_mnist()
+    assert len(train) == 60000 and len(test) == 10000
+    assert abs(float(train.images.mean())) < 1e-2 and abs(float(train.images.std()) - 1) < 1e-2
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+
+
+# -------------------------------------------------------------------------- models
+def test_resnet18_conv_weights_are_11_2m_parameters():
+    # torchvision's resnet18 has 11,689,512 parameters: minus fc (512*1000 + 1000) and the
+    # 20 BatchNorms (2 * 4800 affine values) leaves the conv weights.
+    shapes = resnet18_conv_shapes()
+    assert len(shapes) == 20
+    assert sum(math.prod(s) for s in shapes) == 11_689_512 - 513_000 - 9_600
+
+
+def test_only_the_paper_weights_go_on_the_manifold():
+    from rbn_geoopt.nn import to_grassmann
+
+    # VGG: convs 2-4 feed a BN and have p < n; conv 1 (16 rows of length 9) does not
+    assert to_grassmann(VGGNet()) == [
+        "features.3.weight",
+        "features.7.weight",
+        "features.11.weight",
+    ]
+    # pre-activation ResNet: only conv1 of each block feeds a BN directly (conv2 -> residual sum)
+    names = to_grassmann(PreActResNet((16, 32, 64)))
+    assert names == ["blocks.0.conv1.weight", "blocks.1.conv1.weight", "blocks.2.conv1.weight"]
+
+
+# ------------------------------------------------------------------------- methods
+def test_parse_methods():
+    assert [m.label for m in parse_methods(None)] == ISSUE_LABELS
+    assert [m.key for m in parse_methods("adam, sgdg,adam")] == ["adam", "sgdg"]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("sgd,nope")
+
+
+def _one_step(key: str, seed: int = 3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One step of ``key`` on a float64 VGG from one batch: G-weight -> (unit rows before,
+    unit rows after)."""
+    torch.manual_seed(seed)
+    model = VGGNet((4, 8, 8, 8)).double()
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,))
+    prepared = prepare(METHODS[key], model)
+
+    def unit_rows(name):
+        w = current_weight(prepared.model, name).detach().clone()
+        w = w.reshape(w.shape[0], -1)
+        return w / w.norm(dim=1, keepdim=True)
+
+    before = {name: unit_rows(name) for name in prepared.g_names}
+    loss = torch.nn.functional.cross_entropy(prepared.model(x), y)
+    loss.backward()
+    if prepared.before_step is not None:
+        prepared.before_step()
+    prepared.optimizer.step()
+    return {name: (before[name], unit_rows(name)) for name in prepared.g_names}
+
+
+def _geodesic(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the angle ``t`` and unit tangent ``e`` with ``after = cos t y + sin t e``."""
+    t = row_angles(before, after)
+    e = (after - torch.cos(t)[:, None] * before) / torch.sin(t)[:, None]
+    return t, e
+
+
+def test_geoopt_sgd_on_sphereexact_takes_the_same_first_step_times_1_9():
+    """Same rows, lr, clipping and orthogonality as SGD-G: geoopt's RiemannianSGD moves
+    every row along the same geodesic, (1 + momentum) = 1.9 times as far on the first step
+    (its momentum buffer starts as the gradient, PEERS.md), exactly."""
+    ours, theirs = _one_step("sgdg"), _one_step("rsgd-sphereexact")
+    assert list(ours) == list(theirs) and len(ours) == 4
+    for name in ours:
+        torch.testing.assert_close(ours[name][0], theirs[name][0], rtol=0, atol=1e-15)
+        t_ours, e_ours = _geodesic(*ours[name])
+        t_theirs, e_theirs = _geodesic(*theirs[name])
+        assert float(t_ours.min()) > 1e-4  # a real step
+        torch.testing.assert_close(t_theirs, 1.9 * t_ours, rtol=1e-10, atol=0)
+        torch.testing.assert_close(e_theirs, e_ours, rtol=0, atol=1e-9)
+        # clipping: no row moved further than lr * nu = 0.2 * 0.1
+        assert float(t_ours.max()) <= 0.02 + 1e-12
+
+
+def test_geoopt_adam_on_sphereexact_takes_the_same_first_step():
+    """Adam-G vs geoopt's RiemannianAdam: the same direction; the angle differs only by
+    where eps enters (inside vs outside the square root), a few 1e-6 rad here."""
+    ours, theirs = _one_step("adamg"), _one_step("radam-sphereexact")
+    for name in ours:
+        t_ours, e_ours = _geodesic(*ours[name])
+        t_theirs, e_theirs = _geodesic(*theirs[name])
+        assert float(t_ours.min()) > 1e-3
+        torch.testing.assert_close(e_theirs, e_ours, rtol=0, atol=1e-9)
+        assert float((t_theirs - t_ours).abs().max()) < 5e-5
+
+
+def test_sphere_retraction_differs_from_the_exact_step():
+    exact, normalized = _one_step("rsgd-sphereexact"), _one_step("rsgd-sphere")
+    for name in exact:
+        t_exact, e_exact = _geodesic(*exact[name])
+        t_norm, e_norm = _geodesic(*normalized[name])
+        torch.testing.assert_close(e_norm, e_exact, rtol=0, atol=1e-9)
+        # normalization: angle atan(s) for a tangent step of length s = tan^-1 of the exact
+        torch.testing.assert_close(t_norm, torch.atan(t_exact), rtol=1e-10, atol=0)
+        assert float((t_exact - t_norm).max()) > 1e-7
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_lr_schedule_reaches_every_group(key):
+    """The LR drop multiplies every param group of every method, sphere chains included,
+    and covers every parameter of the model exactly once."""
+    prepared = prepare(METHODS[key], VGGNet((4, 8, 8, 8)))
+    groups = prepared.optimizer.param_groups
+    base = [g["lr"] for g in groups]
+    expected = METHODS[key].lrs
+    assert {g["lr"] for g in groups} == set(expected.values())
+    prepared.set_lr_factor(0.2)
+    prepared.set_lr_factor(0.04)
+    assert [g["lr"] for g in groups] == pytest.approx([0.04 * b for b in base], rel=1e-12)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(prepared.model.parameters()))
+
+
+def test_lr_drops_and_row_angles():
+    assert lr_drops(8) == [4, 6] and lr_drops(4) == [2, 3] and lr_drops(1) == []
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, dtype=torch.float64, generator=gen)
+    b = a + 1e-3 * torch.randn(5, 7, dtype=torch.float64, generator=gen)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    torch.testing.assert_close(row_angles(a, 3 * b), torch.acos(cos), rtol=1e-7, atol=0)
+    assert float(row_angles(a, a).abs().max()) == 0.0
+
+
+def test_training_learns(fake_data):
+    """SGD and SGD-G (the paper's recipe) learn the synthetic task far past chance (90%)
+    in four short epochs; the angular log has one entry per step."""
+    train, test = load_fashion_mnist(fake_data)
+    for key, loss_ratio, max_error in (("sgd", 0.5, 20.0), ("sgdg", 0.8, 60.0)):
+        log = train_run(
+            METHODS[key],
+            {"name": "vgg", "widths": (8, 8, 8, 8)},
+            train,
+            {"test": test},
+            epochs=4,
+            drops=[],
+            seed=0,
+            batch_size=32,
+            progress=False,
+        )
+        assert log["train_loss"][-1] < loss_ratio * log["train_loss"][0], (key, log)
+        assert log["test_error"][-1] < max_error, (key, log["test_error"])
+        steps = len(log["angle_per_step"]["features.3.weight"])
+        assert steps == 4 * math.ceil(600 / 32)
+
+
+# --------------------------------------------------------------------------- study B
+def test_rayleigh_matrix_has_the_designed_spectrum():
+    a = study_b.rayleigh_matrix(50)
+    np.testing.assert_allclose(a, a.T, atol=0)
+    eig = np.linalg.eigvalsh(a)
+    expected = np.sort(np.concatenate([[1.0], np.linspace(0.9, -1.0, 49)]))
+    np.testing.assert_allclose(eig, expected, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["sgdg", "rsgd"])
+def test_rayleigh_run_reaches_the_eigh_optimum(kind):
+    a = study_b.rayleigh_matrix(30)
+    x0 = study_b.start_point(30, 0)
+    run = study_b.run_torch(kind, a, x0, {"lr": 0.4, "momentum": 0.5}, 400)
+    assert run["iterations"] is not None and run["final_gap"] <= study_b.TOL
+    # gaps are measured against numpy.linalg.eigvalsh's lambda_max
+    assert run["gaps"][0] > 1e-3 and run["gaps"][-1] == run["final_gap"]
+
+
+def test_pymanopt_trust_regions_reaches_the_optimum():
+    a = study_b.rayleigh_matrix(30)
+    run = study_b.run_pymanopt("pymanopt-tr", a, study_b.start_point(30, 0), 50)
+    assert run["iterations"] is not None and run["iterations"] < 30
+    assert run["final_gap"] <= study_b.TOL and run["seconds"] > 0
