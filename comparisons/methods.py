@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from rbn_geoopt.optim import orthogonality_egrad
+
 __all__ = ["METHODS", "Method", "Prepared", "prepare", "grassmann_names", "parse_methods"]
 
 #: the paper's fixed hyper-parameters (Cho & Lee 2017, section 5)
@@ -155,21 +157,13 @@ def _rows_of(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def orthogonality_egrad(rows: torch.Tensor, omega: float) -> torch.Tensor:
-    """Gradient of ``omega/2 ||Yh Yh^T - I||_F^2`` w.r.t. the rows ``y_i`` (``Yh = y/|y|``):
-    ``(G_i - <G_i, yh_i> yh_i) / |y_i|`` with ``G = 2 omega (Yh Yh^T Yh - Yh)``."""
-    radius = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    yh = rows / radius
-    g = (2.0 * omega) * ((yh @ yh.T) @ yh - yh)
-    return (g - (g * yh).sum(dim=1, keepdim=True) * yh) / radius
-
-
 class SphereHook:
     """What SGD-G/Adam-G do to the G-weights' gradient, for geoopt's sphere optimizers.
 
     Before each step, for every sphere weight ``y`` (unit rows) with gradient ``g``:
-    ``h = proju(y, g + orthogonality_egrad(y))``, then ``h *= min(1, nu / |h|)`` per row,
-    written back to ``y.grad``. geoopt then applies its own update to this tangent vector.
+    ``h = proju(y, g + orthogonality_egrad(y, 1, omega))``, then ``h *= min(1, nu / |h|)``
+    per row, written back to ``y.grad``. geoopt then applies its own update to this tangent
+    vector.
     """
 
     def __init__(self, params: list[torch.Tensor], grad_clip: float, omega: float) -> None:
@@ -182,7 +176,7 @@ class SphereHook:
                 continue
             g = p.grad
             if self.omega:
-                g = g + orthogonality_egrad(p, self.omega)
+                g = g + orthogonality_egrad(p, 1, self.omega)  # rows: ndim 1
             h = p.manifold.proju(p, g)
             norm = torch.linalg.vector_norm(h, dim=1, keepdim=True)
             scale = torch.where(norm > self.grad_clip, self.grad_clip / norm, 1.0)

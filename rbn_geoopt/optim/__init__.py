@@ -4,11 +4,20 @@
 every plain parameter exactly as ``torch.optim.SGD`` / ``torch.optim.Adam`` do;
 ``OPTIMIZERS`` / ``create`` select optimizers (ours, geoopt's, torch's) by name. A step with
 a NaN/Inf gradient raises ``NonFiniteGradientError`` before changing anything.
+``orthogonality_egrad`` is the gradient that ``omega`` adds, for other optimizers to reuse.
 """
 
 from .adamg import AdamG
 from .checks import NonFiniteGradientError
+from .kernels import orthogonality_egrad
 from .registry import OPTIMIZERS, create
 from .sgdg import SGDG
 
-__all__ = ["OPTIMIZERS", "AdamG", "NonFiniteGradientError", "SGDG", "create"]
+__all__ = [
+    "OPTIMIZERS",
+    "AdamG",
+    "NonFiniteGradientError",
+    "SGDG",
+    "create",
+    "orthogonality_egrad",
+]
