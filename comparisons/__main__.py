@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         else:
             budget = study_c.BUDGETS[args.mode]
             results["C"] = study_c.run_study_c(budget, progress, device=device)
+            print("\n".join(study_c.summary_lines(results["C"])), flush=True)
         results["meta"]["study_seconds"][study] = time.perf_counter() - t0
         results["meta"]["study_cpu_seconds"][study] = time.process_time() - c0
         results["meta"]["seconds"] = time.perf_counter() - start

@@ -6,9 +6,11 @@ parameters are stepped:
 
 =============================  =============================================================
 ``sgd``    SGD                 torch SGD, Nesterov momentum 0.9, weight decay 5e-4, lr 0.1
-``sgdg``   SGD-G               the paper's recipe: G-weights on ``Grassmann1`` with SGD-G
-                               (lr_g 0.2, momentum 0.9, clip nu 0.1, orthogonality 0.1); the
-                               rest Nesterov SGD (lr 0.01, wd 5e-4) in the same optimizer
+``sgdg``   SGD-G               the paper's recipe, ``rbn_geoopt.nn.paper_optimizer``:
+                               G-weights on ``Grassmann1`` with SGD-G (lr_g 0.2, momentum
+                               0.9, clip nu 0.1, orthogonality 0.1); the rest Nesterov SGD
+                               (lr 0.01, wd 5e-4, BN parameters and biases included) in the
+                               same optimizer
 ``adamg``  Adam-G              as SGD-G with Adam-G (lr_g 0.05, betas (0.9, 0.99), eps 1e-8)
 ``rsgd-sphere``                geoopt ``RiemannianSGD`` with the G-weights' rows on ``Sphere``
 ``rsgd-sphereexact``           ... on ``SphereExact``
@@ -250,13 +252,6 @@ class Prepared:
             group["lr"] = base * factor
 
 
-def _split_params(model: nn.Module, g_names: list[str]) -> tuple[list, list]:
-    named = dict(model.named_parameters())
-    g = [named[n] for n in g_names]
-    g_ids = {id(p) for p in g}
-    return g, [p for p in named.values() if id(p) not in g_ids]
-
-
 def _euclidean_sgd_group(params: list, lr: float) -> dict:
     return {
         "params": params,
@@ -265,6 +260,31 @@ def _euclidean_sgd_group(params: list, lr: float) -> dict:
         "nesterov": True,
         "weight_decay": PAPER["weight_decay"],
     }
+
+
+def _recipe_overrides(rule: str, lrs: dict[str, float]) -> dict:
+    """Keywords of ``rbn_geoopt.nn.paper_optimizer`` that pin every value to :data:`PAPER`
+    (which the sphere methods use too) and to the method's learning rates.
+
+    ``norm_bias_weight_decay`` is set to the same 5e-4 as every other non-G weight: the
+    library's recipe defaults to 0 there (the paper code's ``--bnDecay``), study A has always
+    decayed BatchNorm parameters and biases like the other plain weights.
+    """
+    overrides = {
+        "lr_g": lrs["lr_g"],
+        "lr": lrs["lr"],
+        "grad_clip": PAPER["grad_clip"],
+        "omega": PAPER["omega"],
+        "momentum": PAPER["momentum"],
+        "nesterov": True,
+        "weight_decay": PAPER["weight_decay"],
+        "norm_bias_weight_decay": PAPER["weight_decay"],
+    }
+    if rule == "sgd":
+        overrides["momentum_g"] = PAPER["momentum"]
+    else:
+        overrides.update(betas=PAPER["betas"], eps=PAPER["eps"])
+    return overrides
 
 
 def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = None) -> Prepared:
@@ -280,24 +300,12 @@ def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = Non
         return Prepared(model, opt, None, g_names)
 
     if method.geometry == "grassmann":
-        from rbn_geoopt.nn import to_grassmann
-        from rbn_geoopt.optim import create
+        from rbn_geoopt.nn import paper_optimizer, to_grassmann
 
         g_names = list(to_grassmann(model))
-        g_params, rest = _split_params(model, g_names)
-        g_group = {
-            "params": g_params,
-            "lr": lrs["lr_g"],
-            "grad_clip": PAPER["grad_clip"],
-            "omega": PAPER["omega"],
-        }
-        if method.rule == "sgd":
-            g_group["momentum"] = PAPER["momentum"]
-        else:
-            g_group.update(betas=PAPER["betas"], eps=PAPER["eps"])
-        rest_group = {**_euclidean_sgd_group(rest, lrs["lr"]), "euclidean": "sgd"}
         name = "sgdg" if method.rule == "sgd" else "adamg"
-        return Prepared(model, create(name, [g_group, rest_group], lr=lrs["lr"]), None, g_names)
+        opt = paper_optimizer(model, name, **_recipe_overrides(method.rule, lrs))
+        return Prepared(model, opt, None, g_names)
 
     manifold = geoopt.Sphere() if method.geometry == "Sphere" else geoopt.SphereExact()
     rest_before = [p for n, p in model.named_parameters() if n not in g_names]

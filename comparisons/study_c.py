@@ -11,30 +11,57 @@ all of them alike; the median over rounds is compared as a ratio:
   foreach=True)``;
 * Adam-G and geoopt ``RiemannianAdam`` (``SphereExact``) against torch ``Adam(foreach=True)``.
 
+From the same run, after the timed steps: each optimizer's state size, the bytes of every
+tensor in ``optimizer.state`` (``numel * element_size``, step counters included), and its
+ratio to the baseline's (Adam-G keeps one second-moment scalar per row, torch Adam one per
+coordinate). Then (:mod:`.train_step`) one whole training step of study A's VGG BN-CNN,
+SGD-G / Adam-G through ``rbn_geoopt.nn.paper_optimizer`` against torch SGD / Adam.
+
 Example::
 
     result = run_study_c(BUDGETS["smoke"], progress=False)
     result["ratios"]["SGD-G"]  # SGD-G step time / torch SGD (foreach) step time
+    result["state_ratios"]["Adam-G"]  # Adam-G state bytes / torch Adam's
+    result["train_step"]["ratios"]["SGD-G (paper recipe)"]  # training step / torch SGD's
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import geoopt
 import torch
 from tqdm import tqdm
 
 from .models import resnet18_conv_shapes
+from .timing import interleaved
+from .train_step import TRAIN_LABELS, run_train_step
 
-__all__ = ["BUDGETS", "BASELINE_OF", "run_study_c"]
+__all__ = ["BUDGETS", "BASELINE_OF", "run_study_c", "state_bytes", "summary_lines"]
 
+#: ``width``, ``warmup``, ``rounds``: the step timing; ``train``: the training-step timing
+#: (study A's VGG widths, batch 128; about 0.3 s per step on 2 shared cores, so the quick
+#: budget's 12 rounds of 4 methods add about 15-20 s)
 BUDGETS = {
-    "smoke": {"width": 8, "warmup": 1, "rounds": 3},
-    "quick": {"width": 64, "warmup": 2, "rounds": 7},
-    "full": {"width": 64, "warmup": 3, "rounds": 25},
+    "smoke": {
+        "width": 8,
+        "warmup": 1,
+        "rounds": 3,
+        "train": {"widths": (4, 8, 8, 8), "batch": 16, "warmup": 1, "rounds": 2},
+    },
+    "quick": {
+        "width": 64,
+        "warmup": 2,
+        "rounds": 7,
+        "train": {"widths": (16, 32, 64, 64), "batch": 128, "warmup": 2, "rounds": 10},
+    },
+    "full": {
+        "width": 64,
+        "warmup": 3,
+        "rounds": 25,
+        "train": {"widths": (16, 32, 64, 64), "batch": 128, "warmup": 3, "rounds": 30},
+    },
 }
 
 #: method label -> the torch baseline its time is divided by
@@ -90,9 +117,14 @@ def _optimizer(label: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     return geoopt.optim.RiemannianAdam(params, lr=1e-3)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (``numel * element_size``)."""
+    return sum(
+        t.numel() * t.element_size()
+        for per_param in optimizer.state.values()
+        for t in per_param.values()
+        if torch.is_tensor(t)
+    )
 
 
 def run_study_c(
@@ -101,35 +133,26 @@ def run_study_c(
     labels: tuple[str, ...] = LABELS,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Interleaved step timing; returns medians (seconds), ratios and the parameter count."""
+    """Interleaved step timing, state sizes and (when ``budget`` has ``train``) the
+    training-step timing; returns medians (seconds), ratios, bytes and the parameter count."""
     device = torch.device(device)
     shapes = resnet18_conv_shapes(budget["width"])
     n_params = sum(math.prod(s) for s in shapes)
     optimizers = {}
     for i, label in enumerate(labels):
         optimizers[label] = _optimizer(label, _params(label, shapes, seed=i, device=device))
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    rounds = budget["warmup"] + budget["rounds"]
-    bar = tqdm(total=rounds * len(labels), desc="study C", leave=False, disable=not progress)
-    for r in range(rounds):
-        order = labels if r % 2 == 0 else tuple(reversed(labels))
-        for label in order:
-            _sync(device)
-            start = time.perf_counter()
-            optimizers[label].step()
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if r >= budget["warmup"]:
-                times[label].append(elapsed)
-            bar.update(1)
-    bar.close()
+    train = budget.get("train")
+    total = (budget["warmup"] + budget["rounds"]) * len(labels)
+    if train:
+        total += (train["warmup"] + train["rounds"]) * len(TRAIN_LABELS)
+    bar = tqdm(total=total, desc="study C", leave=False, disable=not progress)
+    steps = {label: opt.step for label, opt in optimizers.items()}
+    times = interleaved(steps, budget["warmup"], budget["rounds"], device, lambda: bar.update(1))
     medians = {label: statistics.median(t) for label, t in times.items()}
-    ratios = {
-        label: medians[label] / medians[base]
-        for label, base in BASELINE_OF.items()
-        if label in medians and base in medians
-    }
-    return {
+    ratios = _ratios(medians, BASELINE_OF)
+    sizes = {label: state_bytes(opt) for label, opt in optimizers.items()}
+    del optimizers
+    result = {
         "shapes": [list(s) for s in shapes],
         "n_params": n_params,
         "device": str(device),
@@ -138,4 +161,34 @@ def run_study_c(
         "median_seconds": medians,
         "ratios": ratios,
         "baseline_of": BASELINE_OF,
+        "state_bytes": sizes,
+        "state_ratios": _ratios(sizes, BASELINE_OF),
     }
+    if train:
+        result["train_step"] = run_train_step(train, device=device, tick=lambda: bar.update(1))
+    bar.close()
+    return result
+
+
+def _ratios(values: dict[str, float], baseline_of: dict[str, str]) -> dict[str, float]:
+    return {
+        label: values[label] / values[base]
+        for label, base in baseline_of.items()
+        if label in values and base in values
+    }
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The ratios of a study C result, one line each (printed by ``python -m comparisons``)."""
+    lines = ["study C, optimizer step on ResNet-18 conv weights (time; state bytes):"]
+    for label, ratio in result["ratios"].items():
+        base = result["baseline_of"][label]
+        state = result.get("state_ratios", {}).get(label)
+        extra = "" if state is None else f"; state {state:.2f}x"
+        lines.append(f"  {label}: {ratio:.2f}x {base}{extra}")
+    train = result.get("train_step")
+    if train:
+        lines.append(f"study C, training step of vgg{tuple(train['model']['widths'])}:")
+        for label, ratio in train["ratios"].items():
+            lines.append(f"  {label}: {ratio:.2f}x {train['baseline_of'][label]}")
+    return lines

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from comparisons import __main__ as cli
-from comparisons import study_b, study_c
+from comparisons import study_b, study_c, train_step
 from comparisons.data import (
     DEFAULT_DIRS,
     DataError,
@@ -29,7 +29,7 @@ from comparisons.data import (
     read_idx,
     resolve_dir,
 )
-from comparisons.methods import METHODS, current_weight, parse_methods, prepare
+from comparisons.methods import METHODS, PAPER, current_weight, parse_methods, prepare
 from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
 from comparisons.train import lr_drops, row_angles, train_run
 
@@ -165,8 +165,19 @@ def test_smoke_results_are_complete_and_finite(smoke_out):
     b = results["B"]["sizes"]["20"]["methods"]
     assert b["pymanopt TrustRegions (Sphere)"]["iterations"] is not None
     assert b["SGD-G"]["iterations"] is not None
-    assert set(results["C"]["ratios"]) == set(study_c.BASELINE_OF)
-    assert all(r > 0 for r in results["C"]["ratios"].values())
+    c = results["C"]
+    assert set(c["ratios"]) == set(study_c.BASELINE_OF)
+    assert all(r > 0 for r in c["ratios"].values())
+    # state sizes are exact, not timed: Adam-G one second moment per row, SGD-G = SGD
+    assert set(c["state_bytes"]) == set(study_c.LABELS)
+    assert set(c["state_ratios"]) == set(study_c.BASELINE_OF)
+    assert c["state_ratios"]["SGD-G"] == 1.0
+    assert 0.5 <= c["state_ratios"]["Adam-G"] <= 0.55
+    t = c["train_step"]
+    assert set(t["median_seconds"]) == set(train_step.TRAIN_LABELS)
+    assert set(t["ratios"]) == set(train_step.TRAIN_BASELINE_OF)
+    assert all(r > 0 for r in t["ratios"].values())
+    assert "study C" in proc.stdout and "SGD-G (paper recipe): " in proc.stdout
 
 
 def test_smoke_summary_has_a_table_per_study_with_the_issue_names(smoke_out):
@@ -179,6 +190,8 @@ def test_smoke_summary_has_a_table_per_study_with_the_issue_names(smoke_out):
     for label in ISSUE_LABELS:
         assert label in rows, label
     assert "pymanopt SteepestDescent (Sphere)" in rows
+    assert "One training step of a BN-CNN" in text
+    assert "SGD-G (paper recipe)" in rows and "Adam-G (paper recipe)" in rows
     assert "nan" not in text.lower() and "inf " not in text.lower()
 
 
@@ -409,6 +422,58 @@ def test_lr_schedule_reaches_every_group(key):
     assert len(ids) == len(set(ids)) == len(list(prepared.model.parameters()))
 
 
+@pytest.mark.parametrize("key", ["sgdg", "adamg"])
+def test_grassmann_methods_are_the_library_recipe_with_decay_on_every_plain_weight(key):
+    """SGD-G / Adam-G come from ``rbn_geoopt.nn.paper_optimizer`` with PAPER's values, BN
+    parameters and biases decayed like the other plain weights (the library's default there
+    is 0), and step bit for bit like the hand-built two-group optimizer study A used before."""
+    from rbn_geoopt.optim import create
+
+    torch.manual_seed(0)
+    model = VGGNet((4, 8, 8, 8)).double()
+    twin = VGGNet((4, 8, 8, 8)).double()
+    twin.load_state_dict(model.state_dict())
+    prepared = prepare(METHODS[key], model, {"lr_g": 0.1})
+    groups = prepared.optimizer.param_groups
+    assert type(prepared.optimizer).__name__ == {"sgdg": "SGDG", "adamg": "AdamG"}[key]
+    assert groups[0]["param_names"] == prepared.g_names
+    assert (groups[0]["lr"], groups[0]["grad_clip"], groups[0]["omega"]) == (0.1, 0.1, 0.1)
+    for g in groups[1:]:
+        assert (g["lr"], g["weight_decay"], g["momentum"], g["nesterov"]) == (
+            0.01,
+            PAPER["weight_decay"],
+            PAPER["momentum"],
+            True,
+        )
+    # the hand-built optimizer of before: G-weights in one group, everything else in another
+    from rbn_geoopt.nn import to_grassmann
+
+    g_names = to_grassmann(twin)
+    named = dict(twin.named_parameters())
+    g_group = {"params": [named[n] for n in g_names], "lr": 0.1, "grad_clip": 0.1, "omega": 0.1}
+    g_group.update({"momentum": 0.9} if key == "sgdg" else {"betas": (0.9, 0.99), "eps": 1e-8})
+    rest = [p for n, p in named.items() if n not in g_names]
+    rest_group = {
+        "params": rest,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "euclidean": "sgd",
+    }
+    old = create(key, [g_group, rest_group], lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 1, 28, 28, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 10, (8,), generator=gen)
+        for net, opt in ((model, prepared.optimizer), (twin, old)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for (n, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
 def test_lr_drops_and_row_angles():
     assert lr_drops(8) == [4, 6] and lr_drops(4) == [2, 3] and lr_drops(1) == []
     gen = torch.Generator().manual_seed(0)
@@ -465,3 +530,13 @@ def test_pymanopt_trust_regions_reaches_the_optimum():
     run = study_b.run_pymanopt("pymanopt-tr", a, study_b.start_point(30, 0), 50)
     assert run["iterations"] is not None and run["iterations"] < 30
     assert run["final_gap"] <= study_b.TOL and run["seconds"] > 0
+
+
+# --------------------------------------------------------------------------- study C
+def test_state_bytes_counts_every_state_tensor():
+    p = torch.nn.Parameter(torch.zeros(10))
+    p.grad = torch.ones(10)
+    adam = torch.optim.Adam([p], lr=1e-3)
+    assert study_c.state_bytes(adam) == 0
+    adam.step()
+    assert study_c.state_bytes(adam) == 2 * 10 * 4 + 4  # exp_avg, exp_avg_sq, step (float32)

@@ -91,8 +91,10 @@ def test_groups_adamg_defaults_and_overrides():
 def test_optimizer_types_and_one_scheduler():
     model = converted(M.PostActResNet)
     sgdg = paper_optimizer(model, "sgdg")
-    adamg = paper_optimizer(model, "adamg")
+    adamg = paper_optimizer(model, "adamg", foreach=True)
     assert type(sgdg) is SGDG and type(adamg) is AdamG
+    assert {g["foreach"] for g in sgdg.param_groups} == {None}
+    assert {g["foreach"] for g in adamg.param_groups} == {True}
     sched = paper_scheduler(sgdg, 10)
     lrs = []
     for _ in range(10):

@@ -174,10 +174,14 @@ def paper_param_groups(
     ]
 
 
-def paper_optimizer(model: nn.Module, method: str = "sgdg", **overrides: Any) -> SGDG | AdamG:
+def paper_optimizer(
+    model: nn.Module, method: str = "sgdg", *, foreach: bool | None = None, **overrides: Any
+) -> SGDG | AdamG:
     """One optimizer (``SGDG`` or ``AdamG``) over :func:`paper_param_groups`.
 
-    ``overrides``: any keyword of :func:`paper_param_groups`.
+    ``overrides``: any keyword of :func:`paper_param_groups`. ``foreach``: the optimizer's
+    (torch's multi-tensor path for the plain parameters when True; ``False`` also turns
+    the fused G(1,n) kernels off, see :class:`~rbn_geoopt.optim.SGDG`).
 
     >>> from rbn_geoopt.nn import to_grassmann
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -187,7 +191,7 @@ def paper_optimizer(model: nn.Module, method: str = "sgdg", **overrides: Any) ->
     ('SGDG', 0.1, 0.1)
     """
     groups = paper_param_groups(model, method, **overrides)
-    return METHODS[method](groups, lr=overrides.get("lr", 0.01))
+    return METHODS[method](groups, lr=overrides.get("lr", 0.01), foreach=foreach)
 
 
 def paper_scheduler(
