@@ -367,17 +367,99 @@ def test_half_precision_steps_in_float32(dtype):
 
 
 # ----------------------------------------------------------------- dispatch
+# ------------------------------------------------------------ multi-tensor path
+FOREACH_SPECS = [  # (seed, shape, ndim, dtype): mixed dtypes, shapes, ndims, a big tensor
+    (21, (40, 3, 3, 3), 3, torch.float64),
+    (22, (9, 5), 1, torch.float32),
+    (23, (600, 64), 1, torch.float32),  # > PARALLEL_MIN_NUMEL: several blocks
+    (24, (2, 3, 4), 2, torch.float64),
+    (25, (0, 7), 1, torch.float64),  # empty
+]
+
+
+def _foreach_states():
+    states = []
+    for seed, shape, ndim, dtype in FOREACH_SPECS:
+        y, g, m, v = (t.to(dtype) for t in random_state(seed, shape=shape, ndim=ndim))
+        states.append((y, g, m, v.reshape(-1), ndim))
+    return states
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_foreach_equals_one_tensor_at_a_time(backend, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    one, many = _foreach_states(), _foreach_states()
+    kw = dict(lr=0.2, momentum=0.9, grad_clip=0.5, backend=backend)
+    akw = dict(lr=0.1, grad_clip=0.5, backend=backend, **ADAM)
+    for y, g, m, _, ndim in one:
+        sgdg_step_(y, g, m, ndim=ndim, **kw)
+    ys, gs, ms, _, ndims = (list(c) for c in zip(*many, strict=True))
+    dispatch.sgdg_foreach_(ys, gs, ms, ndims=ndims, **kw)
+    for a, b in zip(one, many, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    steps = [1, 2, 3, 4, 5]  # per-tensor step counts (e.g. parameters added later)
+    for (y, g, m, v, ndim), step in zip(one, steps, strict=True):
+        adamg_step_(y, g, m, v, ndim=ndim, step=step, **akw)
+    ys, gs, ms, vs, ndims = (list(c) for c in zip(*many, strict=True))
+    dispatch.adamg_foreach_(ys, gs, ms, vs, ndims=ndims, steps=steps, **akw)
+    for a, b in zip(one, many, strict=True):
+        for x, z in zip(a[:4], b[:4], strict=True):
+            assert torch.equal(x, z)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_foreach_steps_every_tensor_then_names_the_bad_one(backend):
+    states = _foreach_states()
+    ys, gs, ms, _, ndims = (list(c) for c in zip(*states, strict=True))
+    ys[1][4] = 0.0  # a zero point in the second tensor
+    before = [y.clone() for y in ys]
+    with pytest.raises(ValueError, match=r"point 4 of ys\[1\]"):
+        dispatch.sgdg_foreach_(ys, gs, ms, ndims=ndims, lr=0.2, momentum=0.9, backend=backend)
+    assert not torch.equal(ys[0], before[0]) and not torch.equal(ys[2], before[2])
+    assert torch.equal(ys[1][4], before[1][4])
+    assert not torch.equal(ys[1][5], before[1][5])
+
+
+def test_foreach_bad_arguments():
+    y, g, tau, v = random_state(26)
+    kw = dict(lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="one length"):
+        dispatch.sgdg_foreach_([y, y.clone()], [g], [tau], ndims=NDIM, **kw)
+    with pytest.raises(ValueError, match="ndims has 2 entries"):
+        dispatch.sgdg_foreach_([y], [g], [tau], ndims=[3, 3], **kw)
+    with pytest.raises(ValueError, match="steps has 2 entries"):
+        dispatch.adamg_foreach_([y], [g], [tau], [v], ndims=NDIM, steps=[1, 2], lr=0.1, **ADAM)
+    with pytest.raises(ValueError, match="share memory"):
+        dispatch.sgdg_foreach_([y, y], [g, g.clone()], [tau, y], ndims=NDIM, **kw)
+    dispatch.sgdg_foreach_([], [], [], ndims=NDIM, **kw)  # nothing to do
+
+
+@needs_c
+def test_c_entry_points_refuse_malformed_jobs():
+    crows = dispatch._crows
+    with pytest.raises(TypeError):
+        crows.sgdg_many([(1, 2)], 0, 0.1, 0.9, math.inf, 1)
+    with pytest.raises(ValueError, match="bad tensor 0"):
+        crows.sgdg_many([(0, 0, 0, 3, 4)], 0, 0.1, 0.9, math.inf, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        crows.adamg_many([], 7, 0.9, 0.99, 1e-8, math.inf, 1)
+    with pytest.raises(ValueError, match="nthreads"):
+        crows.sgdg_many([], 0, 0.1, 0.9, math.inf, 0)
+    assert crows.sgdg_many([], 1, 0.1, 0.9, math.inf, 2) == []
+
+
 class _Spy:
     def __init__(self, real):
         self.real, self.calls = real, 0
 
-    def sgdg(self, *args):
+    def sgdg_many(self, *args):
         self.calls += 1
-        return self.real.sgdg(*args)
+        return self.real.sgdg_many(*args)
 
-    def adamg(self, *args):
+    def adamg_many(self, *args):
         self.calls += 1
-        return self.real.adamg(*args)
+        return self.real.adamg_many(*args)
 
 
 @needs_c
@@ -482,6 +564,53 @@ def test_every_isa_copy_agrees_with_torch():
         crows.isa(default)
     with pytest.raises(ValueError, match="not available"):
         crows.isa("sse9")
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sum_squares_in_every_isa_copy(dtype, threads):
+    """The step guard's C sweep: sum of squares and finiteness."""
+    crows = dispatch._crows
+    default = crows.isa()
+    isas = ["baseline"] + [name for name in ("avx2",) if _isa_available(crows, name)]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3 * (1 << 15) + 7, generator=gen).to(dtype)
+    exact = math.fsum(float(v) ** 2 for v in x.tolist())
+    code = dispatch._C_DTYPES[dtype]
+    try:
+        for name in isas:
+            crows.isa(name)
+            ss, finite = crows.sum_squares(x.data_ptr(), x.numel(), code, threads)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32 partial sums
+            assert finite and abs(ss - exact) <= tol * exact, name
+            for where in (0, (1 << 15) - 1, 1 << 15, x.numel() - 1):
+                for poison in (math.nan, math.inf, -math.inf):
+                    z = x.clone()
+                    z[where] = poison
+                    ss, finite = crows.sum_squares(z.data_ptr(), z.numel(), code, threads)
+                    assert not finite and not math.isfinite(ss), (name, where, poison)
+    finally:
+        crows.isa(default)
+    assert crows.sum_squares(0, 0, code, threads) == (0.0, True)
+
+
+@needs_c
+def test_sum_squares_dispatch():
+    # finite values whose squares overflow the element type: inf, but still "finite"
+    assert dispatch.sum_squares(torch.full((4,), 1e30)) == (math.inf, True)
+    assert dispatch.sum_squares(torch.full((4,), 1e300, dtype=torch.float64)) == (math.inf, True)
+    ss, finite = dispatch.sum_squares(torch.full((4,), 1e18))
+    assert finite and math.isclose(ss, 4e36, rel_tol=1e-6)
+    assert dispatch.sum_squares(torch.ones(4, 4).t()[1:]) is None  # not contiguous
+    assert dispatch.sum_squares(torch.ones(4, dtype=torch.float16)) is None
+    with pytest.raises(ValueError, match="numel"):
+        dispatch._crows.sum_squares(0, 5, 0, 1)
+
+
+def test_sum_squares_leaves_forced_torch_to_the_caller(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.sum_squares(torch.ones(3)) is None
 
 
 def _isa_available(crows, name):

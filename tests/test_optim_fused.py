@@ -15,6 +15,7 @@ from rbn_geoopt import SGDG, AdamG, Grassmann1
 from rbn_geoopt.kernels import dispatch
 from rbn_geoopt.optim import functional
 
+F64 = torch.float64
 CONFIGS = [
     dict(momentum=0.9),
     dict(momentum=0.0),
@@ -69,7 +70,7 @@ def test_fused_equals_straightforward(cls, lr, hyper, shape, ndim, dtype):
 
 def _count_fused_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
-    for name in ("sgdg_step_", "adamg_step_"):
+    for name in ("sgdg_foreach_", "adamg_foreach_"):
         real = getattr(functional, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -85,7 +86,7 @@ def test_path_selection(cls, monkeypatch):
     calls = _count_fused_calls(monkeypatch)
     hyper = dict(lr=0.1, momentum=0.9) if cls is SGDG else dict(lr=0.1)
     _trajectory(cls, (4, 6), 1, torch.float64, hyper, foreach=None, steps=2)
-    assert len(calls) == 2  # default: fused for a float64 Grassmann1 parameter
+    assert len(calls) == 2  # default: fused for a float64 Grassmann1 parameter, one call a step
     calls.clear()
     _trajectory(cls, (4, 6), 1, torch.float64, hyper, foreach=False, steps=2)
     assert calls == []  # foreach=False: the straightforward composition
@@ -95,6 +96,37 @@ def test_path_selection(cls, monkeypatch):
     scaled.grad, half.grad = torch.randn(4, 6), torch.randn(4, 6, dtype=torch.bfloat16)
     opt.step()
     assert calls == []  # Scaled changes the math; half precision keeps float32 composition
+
+
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
+def test_one_fused_call_steps_every_grassmann_parameter_of_a_group(cls, monkeypatch):
+    """The multi-tensor path: float32 and float64 parameters of several shapes and ndims,
+    mixed with a Scaled one (straightforward path), equal the per-parameter straightforward
+    run, with one fused call per step."""
+    calls = _count_fused_calls(monkeypatch)
+    hyper = dict(lr=0.1, momentum=0.9, grad_clip=0.05) if cls is SGDG else dict(lr=0.05)
+    specs = [((5, 3, 2, 2), 3, torch.float64), ((7, 4), 1, torch.float32), ((3, 6), 1, F64)]
+    runs = {}
+    for foreach in (None, False):
+        gen = torch.Generator().manual_seed(9)
+        params = [
+            geoopt.ManifoldParameter(torch.randn(s, generator=gen, dtype=d), Grassmann1(ndim=k))
+            for s, k, d in specs
+        ]
+        scaled_manifold = geoopt.Scaled(Grassmann1(), 2)
+        scaled = geoopt.ManifoldParameter(
+            torch.randn(4, 5, generator=gen, dtype=F64), scaled_manifold
+        )
+        opt = cls(params + [scaled], foreach=foreach, **hyper)
+        for _ in range(4):
+            for p in params + [scaled]:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            opt.step()
+        runs[foreach] = [p.detach().clone() for p in params + [scaled]]
+    assert calls == [("sgdg_foreach_" if cls is SGDG else "adamg_foreach_")] * 4
+    for fused, plain in zip(runs[None], runs[False], strict=True):
+        tol = 1e-12 if fused.dtype == F64 else 2e-5
+        torch.testing.assert_close(fused, plain, rtol=0, atol=tol)
 
 
 def test_fused_backend_torch_equals_c(monkeypatch):

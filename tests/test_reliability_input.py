@@ -108,6 +108,33 @@ def test_non_finite_gradient_raises_naming_the_parameter_and_changes_nothing(
         assert torch.allclose(rows.norm(dim=1), torch.ones(p.shape[0], dtype=p.dtype))
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", [0, 1 << 15, -1])
+def test_poison_anywhere_in_a_large_gradient_is_found(kernels, cls, dtype, where, monkeypatch):
+    """Multi-block, multi-thread gradients (C sweep or torch), after trusted steps."""
+    monkeypatch.setenv("RBN_GEOOPT_KERNELS", kernels)
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(1)
+    w = geoopt.ManifoldParameter(
+        torch.randn(100, 16, 5, 5, generator=gen, dtype=dtype), manifold=Grassmann1(ndim=3)
+    )
+    b = torch.nn.Parameter(torch.randn(40_000, generator=gen, dtype=dtype))
+    named = {"w": w, "b": b}
+    opt = cls([("w", w), ("b", b)], lr=0.05)
+    for name in named:
+        for _ in range(2):  # the second step sees w as trusted (only its gradient is read)
+            _grads(named, gen)
+            opt.step()
+        _grads(named, gen)
+        named[name].grad.view(-1)[where] = NAN
+        before = _everything(named, opt)
+        with pytest.raises(NonFiniteGradientError, match=f"'{name}'"):
+            opt.step()
+        _assert_unchanged(before, named, opt)
+
+
 def test_non_finite_gradient_error_is_a_value_error():
     assert issubclass(NonFiniteGradientError, ValueError)
 

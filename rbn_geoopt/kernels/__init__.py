@@ -1,7 +1,9 @@
 """Fused per-point SGD-G and Adam-G steps for ``Grassmann1`` parameters (the fast path).
 
 * :func:`sgdg_step_`, :func:`adamg_step_` (in :mod:`.dispatch`): step one parameter tensor
-  in place, with the C kernel when eligible, else pure torch;
+  in place, with the C kernel when eligible, else pure torch; :func:`sgdg_foreach_`,
+  :func:`adamg_foreach_`: the same on a list of tensors, one C call for all of them
+  (the optimizers' multi-tensor path);
 * :mod:`.torch_rows`: the same fused math in pure torch on ``(rows, n)`` matrices (the
   fallback on every device and the reference of the C kernel);
 * ``_crows``: the optional C99 + OpenMP extension built by ``setup.py``;
@@ -9,6 +11,22 @@
   straightforward composition of ``Grassmann1`` operators.
 """
 
-from .dispatch import ENV_VAR, adamg_step_, c_available, c_eligible, sgdg_step_
+from .dispatch import (
+    ENV_VAR,
+    adamg_foreach_,
+    adamg_step_,
+    c_available,
+    c_eligible,
+    sgdg_foreach_,
+    sgdg_step_,
+)
 
-__all__ = ["ENV_VAR", "adamg_step_", "c_available", "c_eligible", "sgdg_step_"]
+__all__ = [
+    "ENV_VAR",
+    "adamg_foreach_",
+    "adamg_step_",
+    "c_available",
+    "c_eligible",
+    "sgdg_foreach_",
+    "sgdg_step_",
+]

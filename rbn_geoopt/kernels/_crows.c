@@ -18,7 +18,8 @@
  *
  * Layout: the scalar helpers (double precision) are below; the row loops live in
  * _rows_impl.h, stamped out for float/double and for baseline/AVX2+FMA code (chosen at
- * import, see isa()); step() hands blocks of rows to OpenMP threads.
+ * import, see isa()); step_jobs() hands the blocks of rows of one or several tensors
+ * (sgdg_many / adamg_many: the multi-tensor path) to OpenMP threads.
  * Built by setup.py as an optional extension with -O3 -fopenmp; the package falls back to
  * the pure-torch path when it is missing.
  */
@@ -143,13 +144,18 @@ typedef int64_t (*step_rows_f32_fn)(float *, const float *, float *, float *, in
                                    int64_t, int64_t, const struct step_args *);
 typedef int64_t (*step_rows_f64_fn)(double *, const double *, double *, double *, int64_t,
                                    int64_t, int64_t, const struct step_args *);
+typedef void (*sum_squares_f32_fn)(const float *, int64_t, int64_t, double *, double *);
+typedef void (*sum_squares_f64_fn)(const double *, int64_t, int64_t, double *, double *);
 
 /* the row kernels in use: set by select_isa() (at import: the best the CPU supports) */
 static struct {
     const char *name;
     step_rows_f32_fn f32;
     step_rows_f64_fn f64;
-} isa = {"baseline", step_rows_f32_base, step_rows_f64_base};
+    sum_squares_f32_fn ss32;
+    sum_squares_f64_fn ss64;
+} isa = {"baseline", step_rows_f32_base, step_rows_f64_base, sum_squares_f32_base,
+         sum_squares_f64_base};
 
 static int cpu_has_avx2(void)
 {
@@ -166,11 +172,13 @@ static int select_isa(const char *name)
 {
     if (strcmp(name, "baseline") == 0) {
         isa.name = "baseline", isa.f32 = step_rows_f32_base, isa.f64 = step_rows_f64_base;
+        isa.ss32 = sum_squares_f32_base, isa.ss64 = sum_squares_f64_base;
         return 0;
     }
 #if HAVE_AVX2_COPIES
     if (strcmp(name, "avx2") == 0 && cpu_has_avx2()) {
         isa.name = "avx2", isa.f32 = step_rows_f32_avx2, isa.f64 = step_rows_f64_avx2;
+        isa.ss32 = sum_squares_f32_avx2, isa.ss64 = sum_squares_f64_avx2;
         return 0;
     }
 #endif
@@ -182,36 +190,84 @@ static int select_isa(const char *name)
  * one block, not half of the tensor. Inside a block the rows are pipelined. */
 #define BLOCK_ELEMS ((int64_t)1 << 15)
 
-/* Step all rows; returns the smallest row index whose <y,y> is zero or not finite (those
- * rows are untouched), or -1. */
-static int64_t step(int dtype, void *y, const void *g, void *mom, void *v, int64_t rows,
-                    int64_t n, const struct step_args *args, int nthreads)
+/* One tensor to step: `rows` contiguous rows of length n; mom may be NULL (SGD-G without
+ * momentum), v is NULL for SGD-G. block/first_block are filled in by step_jobs. */
+struct job {
+    void *y;
+    const void *g;
+    void *mom, *v;
+    int64_t rows, n, block, first_block;
+    struct step_args args;
+};
+
+/* the job that owns global block b: the last one whose first_block <= b */
+static int64_t job_of_block(const struct job *jobs, int64_t njobs, int64_t b)
 {
-    const int64_t block = n >= BLOCK_ELEMS ? 1 : BLOCK_ELEMS / n;
-    const int64_t nblocks = (rows + block - 1) / block;
-    int64_t bad = INT64_MAX;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1) \
-    reduction(min : bad)
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t lo = b * block, hi = lo + block < rows ? lo + block : rows;
-        const int64_t first =
-            dtype == DTYPE_F32
-                ? isa.f32((float *)y, (const float *)g, (float *)mom, (float *)v, lo, hi, n,
-                          args)
-                : isa.f64((double *)y, (const double *)g, (double *)mom, (double *)v, lo, hi,
-                          n, args);
-        if (first < bad) bad = first;
+    int64_t lo = 0, hi = njobs - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (jobs[mid].first_block <= b)
+            lo = mid;
+        else
+            hi = mid - 1;
     }
-    return bad == INT64_MAX ? -1 : bad;
+    return lo;
 }
 
-static int check_common(long long rows, long long n, int dtype, int nthreads)
+/* Step every row of every job, in one parallel loop over the blocks of all of them (the
+ * multi-tensor path: one OpenMP region per optimizer step). bad[j] receives the smallest
+ * row of job j whose <y,y> is zero or not finite (left untouched), or -1. */
+static void step_jobs(int dtype, struct job *jobs, int64_t njobs, int nthreads, int64_t *bad)
 {
-    if (rows < 0 || n < 1) {
-        PyErr_Format(PyExc_ValueError, "_crows: need rows >= 0 and n >= 1, got %lld, %lld",
-                     rows, n);
-        return -1;
+    int64_t nblocks = 0;
+    for (int64_t j = 0; j < njobs; ++j) {
+        struct job *t = &jobs[j];
+        t->block = t->n >= BLOCK_ELEMS ? 1 : BLOCK_ELEMS / t->n;
+        t->first_block = nblocks;
+        nblocks += (t->rows + t->block - 1) / t->block;
+        bad[j] = INT64_MAX;
     }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t j = job_of_block(jobs, njobs, b);
+        const struct job *t = &jobs[j];
+        const int64_t lo = (b - t->first_block) * t->block;
+        const int64_t hi = lo + t->block < t->rows ? lo + t->block : t->rows;
+        const int64_t first =
+            dtype == DTYPE_F32
+                ? isa.f32((float *)t->y, (const float *)t->g, (float *)t->mom, (float *)t->v,
+                          lo, hi, t->n, &t->args)
+                : isa.f64((double *)t->y, (const double *)t->g, (double *)t->mom,
+                          (double *)t->v, lo, hi, t->n, &t->args);
+        if (first != INT64_MAX) {
+#pragma omp critical(crows_bad)
+            if (first < bad[j]) bad[j] = first;
+        }
+    }
+    for (int64_t j = 0; j < njobs; ++j)
+        if (bad[j] == INT64_MAX) bad[j] = -1;
+}
+
+/* Sum of squares of numel elements and whether they are all finite. */
+static double sum_squares(int dtype, const void *x, int64_t numel, int nthreads, int *finite)
+{
+    const int64_t nblocks = (numel + BLOCK_ELEMS - 1) / BLOCK_ELEMS;
+    double ss = 0, nf = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1) \
+    reduction(+ : ss, nf)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t lo = b * BLOCK_ELEMS, hi = lo + BLOCK_ELEMS < numel ? lo + BLOCK_ELEMS : numel;
+        if (dtype == DTYPE_F32)
+            isa.ss32((const float *)x, lo, hi, &ss, &nf);
+        else
+            isa.ss64((const double *)x, lo, hi, &ss, &nf);
+    }
+    *finite = nf == 0;
+    return ss;
+}
+
+static int check_common(int dtype, int nthreads)
+{
     if (dtype != DTYPE_F32 && dtype != DTYPE_F64) {
         PyErr_Format(PyExc_ValueError, "_crows: unknown dtype code %d", dtype);
         return -1;
@@ -223,66 +279,137 @@ static int check_common(long long rows, long long n, int dtype, int nthreads)
     return 0;
 }
 
-PyDoc_STRVAR(sgdg_doc,
-             "sgdg(y, g, tau, rows, n, dtype, lr, momentum, nu, nthreads) -> int\n\n"
-             "One SGD-G step on `rows` contiguous rows of length `n`, in place. y, g, tau are\n"
-             "addresses (tau = 0: no momentum buffer), dtype 0 = float32, 1 = float64,\n"
-             "nu = inf: no clipping. Returns the first row with <y,y> zero or not finite\n"
-             "(left untouched), or -1.");
-
-static PyObject *py_sgdg(PyObject *self, PyObject *args)
+/* Parse a sequence of per-tensor tuples into jobs (adam: 7-tuples, else 5-tuples); NULL
+ * with a Python exception on bad input. The caller frees the array. */
+static struct job *parse_jobs(PyObject *seq, int adam, struct step_args common, int64_t *njobs)
 {
-    unsigned long long y, g, tau;
-    long long rows, n;
+    const Py_ssize_t count = PySequence_Size(seq);
+    if (count < 0) return NULL;
+    struct job *jobs = PyMem_Calloc(count > 0 ? (size_t)count : 1, sizeof(struct job));
+    if (!jobs) return (struct job *)PyErr_NoMemory();
+    for (Py_ssize_t j = 0; j < count; ++j) {
+        PyObject *item = PySequence_GetItem(seq, j);
+        if (!item) goto fail;
+        unsigned long long y = 0, g = 0, mom = 0, v = 0;
+        long long rows = 0, n = 0;
+        double step_size = 0;
+        int ok = adam ? PyArg_ParseTuple(item, "KKKKLLd", &y, &g, &mom, &v, &rows, &n,
+                                         &step_size)
+                      : PyArg_ParseTuple(item, "KKKLL", &y, &g, &mom, &rows, &n);
+        Py_DECREF(item);
+        if (!ok) goto fail;
+        if (rows < 0 || n < 1 || (rows > 0 && (!y || !g || (adam && (!mom || !v))))) {
+            PyErr_Format(PyExc_ValueError, "_crows: bad tensor %zd (rows %lld, n %lld)", j,
+                         rows, n);
+            goto fail;
+        }
+        struct job *t = &jobs[j];
+        t->y = (void *)(uintptr_t)y, t->g = (const void *)(uintptr_t)g;
+        t->mom = (void *)(uintptr_t)mom, t->v = adam ? (void *)(uintptr_t)v : NULL;
+        t->rows = rows, t->n = n, t->args = common;
+        t->args.step_size = step_size;
+    }
+    *njobs = count;
+    return jobs;
+fail:
+    PyMem_Free(jobs);
+    return NULL;
+}
+
+/* step the parsed jobs; returns the list of first bad rows (-1: none), one per tensor */
+static PyObject *run_jobs(struct job *jobs, int64_t njobs, int dtype, int nthreads)
+{
+    int64_t *bad = PyMem_Calloc(njobs > 0 ? (size_t)njobs : 1, sizeof(int64_t));
+    if (!bad) {
+        PyMem_Free(jobs);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    step_jobs(dtype, jobs, njobs, nthreads, bad);
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New(njobs);
+    for (int64_t j = 0; out && j < njobs; ++j) {
+        PyObject *value = PyLong_FromLongLong((long long)bad[j]);
+        if (!value) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SetItem(out, j, value);
+    }
+    PyMem_Free(bad);
+    PyMem_Free(jobs);
+    return out;
+}
+
+PyDoc_STRVAR(sgdg_many_doc,
+             "sgdg_many(tensors, dtype, lr, momentum, nu, nthreads) -> list[int]\n\n"
+             "One SGD-G step of several tensors of one dtype (0 = float32, 1 = float64), in\n"
+             "place, in one parallel loop over their rows. tensors: a sequence of\n"
+             "(y, g, tau, rows, n), y, g, tau the addresses of C-contiguous (rows, n)\n"
+             "buffers (tau = 0: no momentum buffer); nu = inf: no clipping. Returns, per\n"
+             "tensor, the first row with <y,y> zero or not finite (left untouched), or -1.");
+
+static PyObject *py_sgdg_many(PyObject *self, PyObject *args)
+{
+    PyObject *seq;
     int dtype, nthreads;
     double lr, gamma, nu;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKLLidddi", &y, &g, &tau, &rows, &n, &dtype, &lr, &gamma,
-                          &nu, &nthreads))
+    if (!PyArg_ParseTuple(args, "Oidddi", &seq, &dtype, &lr, &gamma, &nu, &nthreads))
         return NULL;
-    if (check_common(rows, n, dtype, nthreads)) return NULL;
-    if (rows > 0 && (!y || !g)) {
-        PyErr_SetString(PyExc_ValueError, "_crows.sgdg: null y or g address");
-        return NULL;
-    }
-    const struct step_args a = {0, lr, gamma, 0, 0, 0, 0, nu};
-    int64_t bad = -1;
-    Py_BEGIN_ALLOW_THREADS
-    bad = step(dtype, (void *)(uintptr_t)y, (const void *)(uintptr_t)g, (void *)(uintptr_t)tau,
-               NULL, rows, n, &a, nthreads);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong((long long)bad);
+    if (check_common(dtype, nthreads)) return NULL;
+    const struct step_args common = {0, lr, gamma, 0, 0, 0, 0, nu};
+    int64_t njobs = 0;
+    struct job *jobs = parse_jobs(seq, 0, common, &njobs);
+    return jobs ? run_jobs(jobs, njobs, dtype, nthreads) : NULL;
 }
 
-PyDoc_STRVAR(adamg_doc,
-             "adamg(y, g, m, v, rows, n, dtype, step_size, beta1, beta2, eps, nu, nthreads)"
-             " -> int\n\n"
-             "One Adam-G step on `rows` contiguous rows of length `n`, in place; v holds one\n"
-             "second moment per row, step_size = lr sqrt(1 - beta2^k) / (1 - beta1^k).\n"
-             "Returns the first row with <y,y> zero or not finite (left untouched), or -1.");
+PyDoc_STRVAR(adamg_many_doc,
+             "adamg_many(tensors, dtype, beta1, beta2, eps, nu, nthreads) -> list[int]\n\n"
+             "One Adam-G step of several tensors of one dtype, in place, in one parallel loop\n"
+             "over their rows. tensors: a sequence of (y, g, m, v, rows, n, step_size), v\n"
+             "one second moment per row, step_size = lr sqrt(1 - beta2^k) / (1 - beta1^k).\n"
+             "Returns, per tensor, the first bad row (as sgdg_many), or -1.");
 
-static PyObject *py_adamg(PyObject *self, PyObject *args)
+static PyObject *py_adamg_many(PyObject *self, PyObject *args)
 {
-    unsigned long long y, g, m, v;
-    long long rows, n;
+    PyObject *seq;
     int dtype, nthreads;
-    double step_size, beta1, beta2, eps, nu;
+    double beta1, beta2, eps, nu;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKKLLidddddi", &y, &g, &m, &v, &rows, &n, &dtype,
-                          &step_size, &beta1, &beta2, &eps, &nu, &nthreads))
+    if (!PyArg_ParseTuple(args, "Oiddddi", &seq, &dtype, &beta1, &beta2, &eps, &nu, &nthreads))
         return NULL;
-    if (check_common(rows, n, dtype, nthreads)) return NULL;
-    if (rows > 0 && (!y || !g || !m || !v)) {
-        PyErr_SetString(PyExc_ValueError, "_crows.adamg: null address");
+    if (check_common(dtype, nthreads)) return NULL;
+    const struct step_args common = {1, 0, 0, 0, beta1, beta2, eps, nu};
+    int64_t njobs = 0;
+    struct job *jobs = parse_jobs(seq, 1, common, &njobs);
+    return jobs ? run_jobs(jobs, njobs, dtype, nthreads) : NULL;
+}
+
+PyDoc_STRVAR(sum_squares_doc,
+             "sum_squares(x, numel, dtype, nthreads) -> (float, bool)\n\n"
+             "The sum of squares of `numel` contiguous elements at address x (partial sums\n"
+             "in the element type, inf when one overflows) and whether every element is\n"
+             "finite.");
+
+static PyObject *py_sum_squares(PyObject *self, PyObject *args)
+{
+    unsigned long long x;
+    long long numel;
+    int dtype, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLii", &x, &numel, &dtype, &nthreads)) return NULL;
+    if (check_common(dtype, nthreads)) return NULL;
+    if (numel < 0 || (numel > 0 && !x)) {
+        PyErr_Format(PyExc_ValueError, "_crows.sum_squares: bad buffer (numel %lld)", numel);
         return NULL;
     }
-    const struct step_args a = {1, 0, 0, step_size, beta1, beta2, eps, nu};
-    int64_t bad = -1;
+    int finite = 1;
+    double ss = 0;
     Py_BEGIN_ALLOW_THREADS
-    bad = step(dtype, (void *)(uintptr_t)y, (const void *)(uintptr_t)g, (void *)(uintptr_t)m,
-               (void *)(uintptr_t)v, rows, n, &a, nthreads);
+    ss = sum_squares(dtype, (const void *)(uintptr_t)x, numel, nthreads, &finite);
     Py_END_ALLOW_THREADS
-    return PyLong_FromLongLong((long long)bad);
+    return Py_BuildValue("(dO)", ss, finite ? Py_True : Py_False);
 }
 
 PyDoc_STRVAR(isa_doc,
@@ -304,8 +431,9 @@ static PyObject *py_isa(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"sgdg", py_sgdg, METH_VARARGS, sgdg_doc},
-    {"adamg", py_adamg, METH_VARARGS, adamg_doc},
+    {"sgdg_many", py_sgdg_many, METH_VARARGS, sgdg_many_doc},
+    {"adamg_many", py_adamg_many, METH_VARARGS, adamg_many_doc},
+    {"sum_squares", py_sum_squares, METH_VARARGS, sum_squares_doc},
     {"isa", py_isa, METH_VARARGS, isa_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -12,7 +12,34 @@
  * (from cache) also accumulates the dot products of row i+1 (from memory), so the memory
  * streams stay busy, as in a single-pass elementwise update. `mom` may be NULL (SGD-G
  * without momentum); dot products are accumulated in double.
+ *
+ * FN(sum_squares) is the read-only pass of the step guard (rbn_geoopt/optim/checks.py):
+ * one sweep over a gradient for its squared norm and its finiteness.
  */
+
+/* x[lo, hi): *ss += sum x^2, *nf += sum x * 0 (0 unless some x is NaN/Inf, whose
+ * product with 0 is NaN). Four independent partial sums per vector lane in the element
+ * type (one chain of dependent additions would make the sweep latency-bound), added in
+ * double at the end: a float32 block sum overflows to inf only above 3.4e38. */
+static TARGET void FN(sum_squares)(const T *restrict x, int64_t lo, int64_t hi, double *ss,
+                                   double *nf)
+{
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0, z0 = 0, z1 = 0, z2 = 0, z3 = 0;
+    const int64_t quarter = (hi - lo) / 4;
+    const T *restrict a = x + lo, *restrict b = a + quarter, *restrict c = b + quarter,
+                      *restrict d = c + quarter;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, z0, z1, z2, z3)
+    for (int64_t j = 0; j < quarter; ++j) {
+        s0 += a[j] * a[j], s1 += b[j] * b[j], s2 += c[j] * c[j], s3 += d[j] * d[j];
+        z0 += a[j] * 0, z1 += b[j] * 0, z2 += c[j] * 0, z3 += d[j] * 0;
+    }
+    double total = (double)s0 + s1 + s2 + s3, zero = (double)z0 + z1 + z2 + z3;
+    for (int64_t j = lo + 4 * quarter; j < hi; ++j) {
+        const double v = x[j];
+        total += v * v, zero += v * 0.0;
+    }
+    *ss += total, *nf += zero;
+}
 
 /* <y,y>, <y,g>, <g,g> and, when mom is not NULL, <m,m>, <m,y>, <m,g> of one row */
 static TARGET struct dots FN(row_dots)(const T *restrict y, const T *restrict g,

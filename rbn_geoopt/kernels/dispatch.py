@@ -1,7 +1,9 @@
 r"""Fused SGD-G / Adam-G steps for Grassmann1 parameters: picks the C kernel or pure torch.
 
 ``sgdg_step_`` and ``adamg_step_`` step one parameter tensor in place, every point (the
-trailing ``ndim`` dimensions) at once, with the per-row formulas of
+trailing ``ndim`` dimensions) at once; ``sgdg_foreach_`` and ``adamg_foreach_`` step a
+list of them (the optimizers' multi-tensor path: one C call, one OpenMP loop over the rows
+of all of them). Both use the per-row formulas of
 :mod:`rbn_geoopt.kernels.torch_rows`. They equal the straightforward composition of
 ``Grassmann1`` operators (``egrad2rgrad``, per-point clipping, ``expmap_transp``) to float
 rounding, at the memory traffic of torch's momentum SGD: one read of ``y``, ``g`` and the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -41,10 +44,14 @@ except ImportError:  # not built (no compiler): everything runs in torch
 
 __all__ = [
     "ENV_VAR",
+    "adamg_foreach_",
     "adamg_step_",
     "c_available",
     "c_eligible",
+    "c_enabled",
+    "sgdg_foreach_",
     "sgdg_step_",
+    "sum_squares",
 ]
 
 #: environment variable that forces a backend: "torch", "c" or "auto" (the default)
@@ -70,12 +77,41 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (span + 1) * size
 
 
-def _check_no_overlap(named: dict[str, torch.Tensor | None]) -> None:
-    ranges = [(k, *_byte_range(t)) for k, t in named.items() if t is not None and t.numel()]
-    for i, (a, lo_a, hi_a) in enumerate(ranges):
-        for b, lo_b, hi_b in ranges[i + 1 :]:
-            if lo_a < hi_b and lo_b < hi_a:
-                raise ValueError(f"{a} and {b} share memory: the step needs separate tensors")
+def _check_no_overlap(
+    written: dict[str, Sequence[torch.Tensor | None]], read: dict[str, Sequence[torch.Tensor]]
+) -> None:
+    """ValueError when a written tensor shares memory with any other tensor of the call.
+
+    ``written`` / ``read`` map a list name (``"y"``, ``"g"``, ...) to its tensors. One sweep
+    over the byte ranges sorted by device and start (O(k log k) for k tensors): a range
+    overlaps an earlier one iff it starts before the largest end seen so far on its device;
+    read-only tensors (gradients) may alias each other.
+    """
+    lists = [(name, ts, True) for name, ts in written.items()]
+    lists += [(name, ts, False) for name, ts in read.items()]
+    ranges = sorted(
+        (t.get_device(), *_byte_range(t), k, i, is_written)
+        for k, (_, ts, is_written) in enumerate(lists)
+        for i, t in enumerate(ts)
+        if t is not None and t.numel()
+    )
+    device, end_any, end_written = None, (0, None), (0, None)
+    for where, lo, hi, k, i, is_written in ranges:
+        if where != device:  # address spaces of different devices never overlap
+            device, end_any, end_written = where, (0, None), (0, None)
+        other = end_any[1] if is_written and lo < end_any[0] else None
+        other = end_written[1] if lo < end_written[0] else other
+        if other is not None:
+            a, b = (_list_item_name(lists[x][0], y, len(lists[x][1])) for x, y in (other, (k, i)))
+            raise ValueError(f"{a} and {b} share memory: the step needs separate tensors")
+        end_any = max(end_any, (hi, (k, i)))
+        if is_written:
+            end_written = max(end_written, (hi, (k, i)))
+
+
+def _list_item_name(name: str, index: int, count: int) -> str:
+    """``"y"`` for a list of one tensor, else ``"ys[3]"``."""
+    return name if count == 1 else f"{name}s[{index}]"
 
 
 def c_eligible(*tensors: torch.Tensor | None) -> str | None:
@@ -85,13 +121,48 @@ def c_eligible(*tensors: torch.Tensor | None) -> str | None:
     ts = [t for t in tensors if t is not None]
     dtype = ts[0].dtype
     for t in ts:
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return f"tensor on {t.device}, the C kernel runs on CPU only"
         if t.dtype != dtype or t.dtype not in _C_DTYPES:
             return f"dtypes {[t.dtype for t in ts]}: the C kernel needs one of float32/float64"
         if not t.is_contiguous():
             return "a tensor is not C-contiguous"
     return None
+
+
+def _c_ok(*tensors: torch.Tensor | None) -> bool:
+    """``c_eligible(*tensors) is None``, cheaply (it runs for every tensor of every step)."""
+    dtype = tensors[0].dtype
+    return (
+        _crows is not None
+        and dtype in _C_DTYPES
+        and all(t is None or (t.is_cpu and t.dtype == dtype and t.is_contiguous()) for t in tensors)
+    )
+
+
+def c_enabled() -> bool:
+    """Whether ``backend="auto"`` may use the C kernel: built, and not disabled by
+    ``RBN_GEOOPT_KERNELS=torch`` (ValueError for an unknown value of that variable)."""
+    return _crows is not None and _backend("auto") != "torch"
+
+
+def sum_squares(t: torch.Tensor, *, enabled: bool | None = None) -> tuple[float, bool] | None:
+    """``(sum of t^2, all finite)`` in one C sweep, or None where the C kernel is not used.
+
+    Partial sums run in ``t``'s dtype, their total in double: the sum is ``inf`` when a
+    partial sum overflows (float32: above ~3.4e38), NaN when ``t`` holds NaN.
+    None for tensors the C kernel cannot read (see :func:`c_eligible`) or when it is not
+    enabled (``enabled``: the value of :func:`c_enabled`, looked up when None): the caller
+    then measures with torch. Used by the step guard.
+
+    >>> sum_squares(torch.tensor([3.0, 4.0])) in ((25.0, True), None)
+    True
+    """
+    if not (c_enabled() if enabled is None else enabled) or not _c_ok(t):
+        return None
+    numel = t.numel()
+    threads = _nthreads(numel, numel)
+    return _crows.sum_squares(t.data_ptr(), numel, _C_DTYPES[t.dtype], threads)
 
 
 def _backend(backend: Backend) -> str:
@@ -105,14 +176,15 @@ def _backend(backend: Backend) -> str:
     return backend
 
 
-def _use_c(backend: Backend, *tensors: torch.Tensor | None) -> bool:
-    choice = _backend(backend)
+def _use_c(choice: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether to step these tensors in C; ``choice`` is ``_backend(backend)``."""
     if choice == "torch":
         return False
-    reason = c_eligible(*tensors)
-    if reason is not None and choice == "c":
-        raise ValueError(f"backend='c' cannot be used: {reason}")
-    return reason is None
+    if _c_ok(*tensors):
+        return True
+    if choice == "c":
+        raise ValueError(f"backend='c' cannot be used: {c_eligible(*tensors)}")
+    return False
 
 
 def _nthreads(numel: int, rows: int) -> int:
@@ -186,12 +258,127 @@ def _written(*tensors: torch.Tensor | None) -> None:
             increment_version(t)
 
 
-def _raise_bad(first_bad: int, y: torch.Tensor, n: int) -> None:
+def _raise_bad(first_bad: int, y: torch.Tensor, n: int, name: str = "y") -> None:
     raise ValueError(
-        f"point {first_bad} of y (shape {tuple(y.shape)}, rows of {n}) is a zero or "
+        f"point {first_bad} of {name} (shape {tuple(y.shape)}, rows of {n}) is a zero or "
         "non-finite vector, not a point of G(1,n): it was left unchanged, the other rows "
         "were stepped"
     )
+
+
+def _ndims(ndims: int | Sequence[int], count: int) -> list[int]:
+    if isinstance(ndims, int) and not isinstance(ndims, bool):
+        return [ndims] * count
+    ndims = list(ndims)
+    if len(ndims) != count:
+        raise ValueError(f"ndims has {len(ndims)} entries for {count} tensors")
+    return ndims
+
+
+def _same_length(**lists: Sequence) -> int:
+    lengths = {name: len(value) for name, value in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"the tensor lists must have one length, got {lengths}")
+    return next(iter(lengths.values()))
+
+
+#: dtype code -> [(tensor index, the C tuple of that tensor, rows, n)]
+_Jobs = dict[int, list[tuple[int, tuple, int, int]]]
+
+
+def _run_c(kernel, jobs: _Jobs, bad: list[int], *args: float) -> None:
+    """One multi-tensor C call per dtype; ``bad[i]`` gets tensor i's first bad row or -1."""
+    for code, items in jobs.items():
+        numel = sum(rows * n for _, _, rows, n in items)
+        rows = sum(rows for _, _, rows, _ in items)
+        out = kernel([job for _, job, _, _ in items], code, *args, _nthreads(numel, rows))
+        for (i, *_), first in zip(items, out, strict=True):
+            bad[i] = first
+
+
+def _raise_first_bad(bad: list[int], ys: Sequence[torch.Tensor], ns: list[int]) -> None:
+    for i, first in enumerate(bad):
+        if first >= 0:
+            _raise_bad(first, ys[i], ns[i], _list_item_name("y", i, len(ys)))
+
+
+def sgdg_foreach_(
+    ys: Sequence[torch.Tensor],
+    gs: Sequence[torch.Tensor],
+    taus: Sequence[torch.Tensor | None],
+    *,
+    ndims: int | Sequence[int],
+    lr: float,
+    momentum: float,
+    grad_clip: float | None = None,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> None:
+    r"""One SGD-G step of several Grassmann1 parameters, in place (the multi-tensor path).
+
+    :func:`sgdg_step_` on every ``(ys[i], gs[i], taus[i])`` with ``ndims[i]`` (one int:
+    the same for all); the C-eligible tensors of one dtype are stepped by one C call that
+    spreads the rows of all of them over the threads. With ``check``, a zero or
+    non-finite point raises ValueError after every other point was stepped.
+
+    >>> ys = [torch.randn(4, 6), torch.randn(3, 2, 5)]
+    >>> taus = [torch.zeros_like(y) for y in ys]
+    >>> sgdg_foreach_(ys, [torch.randn_like(y) for y in ys], taus, ndims=[1, 2], lr=0.1,
+    ...               momentum=0.9)
+    >>> [bool(torch.allclose(y.flatten(1).norm(dim=1), torch.ones(len(y)))) for y in ys]
+    [True, True]
+    """
+    count = _same_length(ys=ys, gs=gs, taus=taus)
+    ndims = _ndims(ndims, count)
+    _check_scalar("lr", lr)
+    _check_scalar("momentum", momentum, 0.0)
+    nu = _nu(grad_clip)
+    ns = []
+    for y, g, tau, ndim in zip(ys, gs, taus, ndims, strict=True):
+        ns.append(_check_tensors(y, ndim, g=g, tau=tau))
+        if g.shape != y.shape or (tau is not None and tau.shape != y.shape):
+            shapes = (tuple(y.shape), tuple(g.shape), None if tau is None else tuple(tau.shape))
+            raise ValueError(f"y, g, tau must have one shape, got {shapes}")
+        if tau is None and momentum != 0:
+            raise ValueError("momentum != 0 needs a momentum buffer tau (zeros at the start)")
+    _check_no_overlap({"y": ys, "tau": taus}, {"g": gs})
+    choice = _backend(backend)
+    bad = [-1] * count
+    jobs: _Jobs = {}
+    for i, (y, g, tau, n) in enumerate(zip(ys, gs, taus, ns, strict=True)):
+        if y.numel() == 0:
+            continue
+        if _use_c(choice, y, g, tau):
+            rows = y.numel() // n
+            job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), rows, n)
+            jobs.setdefault(_C_DTYPES[y.dtype], []).append((i, job, rows, n))
+        else:
+            bad[i] = _sgdg_torch(y, g, tau, n, lr=lr, momentum=momentum, nu=nu)
+    _run_c(_crows and _crows.sgdg_many, jobs, bad, float(lr), float(momentum), nu)
+    for i, *_ in (item for items in jobs.values() for item in items):
+        _written(ys[i], taus[i])
+    if check:
+        _raise_first_bad(bad, ys, ns)
+
+
+def _sgdg_torch(y, g, tau, n: int, *, lr: float, momentum: float, nu: float) -> int:
+    with torch.no_grad():
+        yr, gr = _Rows(y, n), _Rows(g, n)
+        tr = None if tau is None else _Rows(tau, n)
+        mask = torch_rows.sgdg_rows_(
+            yr.rows, gr.rows, None if tr is None else tr.rows, lr=lr, momentum=momentum, nu=nu
+        )
+        yr.done()
+        if tr is not None:
+            tr.done()
+    return _first(mask)
+
+
+def _first(mask: torch.Tensor) -> int:
+    """The first True row of ``mask``, or -1 (one synchronization on CUDA)."""
+    if not bool(mask.any()):
+        return -1
+    return int(mask.view(-1).nonzero()[0, 0])
 
 
 def sgdg_step_(
@@ -224,47 +411,101 @@ def sgdg_step_(
     check : raise ValueError when a point of ``y`` is zero or not finite (that point is
         left unchanged); on CUDA the check costs one synchronization.
     """
-    n = _check_tensors(y, ndim, g=g, tau=tau)
-    if g.shape != y.shape or (tau is not None and tau.shape != y.shape):
-        shapes = (tuple(y.shape), tuple(g.shape), None if tau is None else tuple(tau.shape))
-        raise ValueError(f"y, g, tau must have one shape, got {shapes}")
+    sgdg_foreach_(
+        [y],
+        [g],
+        [tau],
+        ndims=ndim,
+        lr=lr,
+        momentum=momentum,
+        grad_clip=grad_clip,
+        backend=backend,
+        check=check,
+    )
+
+
+def adamg_foreach_(
+    ys: Sequence[torch.Tensor],
+    gs: Sequence[torch.Tensor],
+    ms: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    *,
+    ndims: int | Sequence[int],
+    steps: int | float | Sequence[int | float],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    grad_clip: float | None = None,
+    backend: Backend = "auto",
+    check: bool = True,
+) -> None:
+    r"""One Adam-G step of several Grassmann1 parameters, in place (the multi-tensor path).
+
+    :func:`adamg_step_` on every ``(ys[i], gs[i], ms[i], vs[i])`` with ``ndims[i]`` and
+    ``steps[i]`` (one number: the same for all); C-eligible tensors of one dtype share one
+    C call, as in :func:`sgdg_foreach_`.
+
+    >>> ys, ms = [torch.randn(4, 6)], [torch.zeros(4, 6)]
+    >>> adamg_foreach_(ys, [torch.randn(4, 6)], ms, [torch.zeros(4)], ndims=1, steps=1,
+    ...                lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
+    >>> bool(torch.allclose(ys[0].norm(dim=1), torch.ones(4)))
+    True
+    """
+    count = _same_length(ys=ys, gs=gs, ms=ms, vs=vs)
+    ndims = _ndims(ndims, count)
+    if isinstance(steps, (int, float)):
+        steps = [steps] * count
+    elif len(steps) != count:
+        raise ValueError(f"steps has {len(steps)} entries for {count} tensors")
     _check_scalar("lr", lr)
-    _check_scalar("momentum", momentum, 0.0)
-    if tau is None and momentum != 0:
-        raise ValueError("momentum != 0 needs a momentum buffer tau (zeros at the start)")
+    _check_scalar("beta1", beta1, 0.0, 1.0)
+    _check_scalar("beta2", beta2, 0.0, 1.0)
+    _check_scalar("eps", eps, 0.0)
     nu = _nu(grad_clip)
-    _check_no_overlap({"y": y, "g": g, "tau": tau})
-    if y.numel() == 0:
-        return
-    if _use_c(backend, y, g, tau):
+    ns = []
+    for y, g, m, v, ndim, step in zip(ys, gs, ms, vs, ndims, steps, strict=True):
+        n = _check_tensors(y, ndim, g=g, m=m, v=v)
+        ns.append(n)
+        if g.shape != y.shape or m.shape != y.shape:
+            shapes = (tuple(y.shape), tuple(g.shape), tuple(m.shape))
+            raise ValueError(f"y, g, m must have one shape, got {shapes}")
+        if v.numel() != y.numel() // n:
+            rows = y.numel() // n
+            raise ValueError(f"v has {v.numel()} elements, expected one per point ({rows})")
+        _check_scalar("step", step, 1.0)
+    _check_no_overlap({"y": ys, "m": ms, "v": vs}, {"g": gs})
+    choice = _backend(backend)
+    bad = [-1] * count
+    jobs: _Jobs = {}
+    hyper = {"beta1": beta1, "beta2": beta2, "eps": eps, "nu": nu}
+    for i, (y, g, m, v, n, step) in enumerate(zip(ys, gs, ms, vs, ns, steps, strict=True)):
+        if y.numel() == 0:
+            continue
         rows = y.numel() // n
-        bad = _crows.sgdg(
-            y.data_ptr(),
-            g.data_ptr(),
-            0 if tau is None else tau.data_ptr(),
-            rows,
-            n,
-            _C_DTYPES[y.dtype],
-            float(lr),
-            float(momentum),
-            nu,
-            _nthreads(y.numel(), rows),
-        )
-        _written(y, tau)
-        if check and bad >= 0:
-            _raise_bad(bad, y, n)
-        return
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        if _use_c(choice, y, g, m, v):
+            job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), rows, n, step_size)
+            jobs.setdefault(_C_DTYPES[y.dtype], []).append((i, job, rows, n))
+        else:
+            bad[i] = _adamg_torch(y, g, m, v, n, step_size=step_size, **hyper)
+    _run_c(_crows and _crows.adamg_many, jobs, bad, float(beta1), float(beta2), float(eps), nu)
+    for i, *_ in (item for items in jobs.values() for item in items):
+        _written(ys[i], ms[i], vs[i])
+    if check:
+        _raise_first_bad(bad, ys, ns)
+
+
+def _adamg_torch(y, g, m, v, n: int, *, step_size: float, **hyper: float) -> int:
     with torch.no_grad():
-        yr, gr = _Rows(y, n), _Rows(g, n)
-        tr = None if tau is None else _Rows(tau, n)
-        mask = torch_rows.sgdg_rows_(
-            yr.rows, gr.rows, None if tr is None else tr.rows, lr=lr, momentum=momentum, nu=nu
+        yr, gr, mr, vr = _Rows(y, n), _Rows(g, n), _Rows(m, n), _Rows(v, 1)
+        mask = torch_rows.adamg_rows_(
+            yr.rows, gr.rows, mr.rows, vr.rows, step_size=step_size, **hyper
         )
         yr.done()
-        if tr is not None:
-            tr.done()
-    if check and bool(mask.any()):
-        _raise_bad(int(mask.view(-1).nonzero()[0, 0]), y, n)
+        mr.done()
+        vr.done()
+    return _first(mask)
 
 
 def adamg_step_(
@@ -294,58 +535,18 @@ def adamg_step_(
     row order, e.g. the keepdim shape ``(out, 1, 1, 1)``); both start at zero and ``step``
     counts from 1. Other arguments as in :func:`sgdg_step_`.
     """
-    n = _check_tensors(y, ndim, g=g, m=m, v=v)
-    if g.shape != y.shape or m.shape != y.shape:
-        shapes = (tuple(y.shape), tuple(g.shape), tuple(m.shape))
-        raise ValueError(f"y, g, m must have one shape, got {shapes}")
-    rows = y.numel() // n if n else 0
-    if v.numel() != rows:
-        raise ValueError(f"v has {v.numel()} elements, expected one per point ({rows})")
-    _check_scalar("lr", lr)
-    _check_scalar("beta1", beta1, 0.0, 1.0)
-    _check_scalar("beta2", beta2, 0.0, 1.0)
-    _check_scalar("eps", eps, 0.0)
-    _check_scalar("step", step, 1.0)
-    nu = _nu(grad_clip)
-    _check_no_overlap({"y": y, "g": g, "m": m, "v": v})
-    if y.numel() == 0:
-        return
-    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    if _use_c(backend, y, g, m, v):
-        bad = _crows.adamg(
-            y.data_ptr(),
-            g.data_ptr(),
-            m.data_ptr(),
-            v.data_ptr(),
-            rows,
-            n,
-            _C_DTYPES[y.dtype],
-            float(step_size),
-            float(beta1),
-            float(beta2),
-            float(eps),
-            nu,
-            _nthreads(y.numel(), rows),
-        )
-        _written(y, m, v)
-        if check and bad >= 0:
-            _raise_bad(bad, y, n)
-        return
-    with torch.no_grad():
-        yr, gr, mr, vr = _Rows(y, n), _Rows(g, n), _Rows(m, n), _Rows(v, 1)
-        mask = torch_rows.adamg_rows_(
-            yr.rows,
-            gr.rows,
-            mr.rows,
-            vr.rows,
-            step_size=step_size,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            nu=nu,
-        )
-        yr.done()
-        mr.done()
-        vr.done()
-    if check and bool(mask.any()):
-        _raise_bad(int(mask.view(-1).nonzero()[0, 0]), y, n)
+    adamg_foreach_(
+        [y],
+        [g],
+        [m],
+        [v],
+        ndims=ndim,
+        steps=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        grad_clip=grad_clip,
+        backend=backend,
+        check=check,
+    )

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from geoopt.manifolds.base import Manifold
 from geoopt.optim.mixin import OptimMixin
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from .checkpoint import validate_state_dict
 from .checks import StepItem, check_step_inputs
@@ -38,6 +37,13 @@ from .kernels import (
 )
 
 __all__ = ["RiemannianOptimizer", "scalar_step"]
+
+
+def _record_stepped(stepped: dict[int, tuple[torch.Tensor, int]], items: list[StepItem]) -> None:
+    """Remember the G(1,n) parameters a step has just written (see ``_collect``)."""
+    for item in items:
+        if is_grassmann1(item.manifold) and not is_dtensor(item.param):
+            stepped[id(item.param)] = (item.param, item.param._version)
 
 
 def scalar_step() -> torch.Tensor:
@@ -172,6 +178,7 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                 loss = closure()
         work = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
         check_step_inputs(type(self).__name__, [item for items in work for item in items])
+        stepped: dict[int, tuple[torch.Tensor, int]] = {}
         for group, items in zip(self.param_groups, work, strict=True):
             plain = [item for item in items if is_euclidean(item.manifold)]
             curved = [item for item in items if not is_euclidean(item.manifold)]
@@ -187,14 +194,24 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                     [item.manifold for item in curved],
                 )
                 if group["lr"] != 0:  # (lr = 0 leaves the points as they were)
-                    self._record_stepped(curved)
+                    _record_stepped(stepped, curved)
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
+        self.__dict__["_stepped_versions"] = stepped
         return loss
 
     def _collect(self, index: int, group: dict[str, Any]) -> list[StepItem]:
-        """The group's parameters that have a gradient, with their manifolds."""
+        """The group's parameters that have a gradient, with their manifolds.
+
+        ``trusted``: the parameter holds the unit points that the last step of this
+        optimizer wrote -- it was stepped then (``_stepped_versions`` maps ``id(param)`` to
+        the parameter and its autograd version right after that step) and nobody has
+        modified it in place since. The step guard then reads only its gradient
+        (:mod:`.checks`). DTensor parameters are never recorded (their local shards are
+        written, not the DTensor itself), nor are steps with ``lr = 0``, which write nothing.
+        """
+        stepped = self.__dict__.get("_stepped_versions", {})
         items = []
         for j, param in enumerate(group["params"]):
             if param.grad is None:
@@ -205,26 +222,10 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                     "gradient; sparse gradients are not supported"
                 )
             manifold = manifold_of(param, group)
-            trusted = self._stepped_version.get(param) == param._version
+            last = stepped.get(id(param))
+            trusted = last is not None and last[0] is param and last[1] == param._version
             items.append(StepItem(group, index, j, param, param.grad, manifold, trusted))
         return items
-
-    @property
-    def _stepped_version(self) -> WeakTensorKeyDictionary:
-        """``param -> param._version`` right after this optimizer wrote its unit points.
-
-        A G(1,n) parameter whose version still matches holds exactly those points, so the
-        step guard need not read them again (:mod:`.checks`). DTensor parameters are never
-        recorded (their local shards are written, not the DTensor itself), nor are steps
-        with ``lr = 0``, which write nothing.
-        """
-        return self.__dict__.setdefault("_stepped_versions", WeakTensorKeyDictionary())
-
-    def _record_stepped(self, items: list[StepItem]) -> None:
-        versions = self._stepped_version
-        for item in items:
-            if is_grassmann1(item.manifold) and not is_dtensor(item.param):
-                versions[item.param] = item.param._version
 
     def _local_inputs(
         self,

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from geoopt.manifolds.base import Manifold
 
+from ..kernels.dispatch import c_enabled, sum_squares
 from .distributed import is_dtensor, local, reduce_max
 from .groups import param_label
 from .kernels import is_euclidean, is_grassmann1, working_dtype, zero_point_index
@@ -89,22 +90,39 @@ def _limit(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(working_dtype(dtype)).max) / 4
 
 
-def _measures(item: StepItem) -> list[torch.Tensor]:
-    """0-dim tensors the verdict needs (compared on the host after one sync).
+def _finite(t: torch.Tensor, fast_ok: bool) -> float | torch.Tensor:
+    """0 when ``t`` is finite, else NaN (a host float from the C sweep, or a 0-dim tensor)."""
+    fast = sum_squares(t, enabled=fast_ok)
+    if fast is not None:
+        return 0.0 if fast[1] else math.nan
+    return t.abs().amax() * 0
+
+
+def _norm(t: torch.Tensor, fast_ok: bool) -> float | torch.Tensor:
+    """``|t|`` (NaN/Inf when ``t`` is not finite or the square overflows)."""
+    fast = sum_squares(t, enabled=fast_ok)
+    if fast is not None:
+        return math.sqrt(fast[0]) if fast[1] else math.nan
+    return torch.linalg.vector_norm(t, dtype=working_dtype(t.dtype))
+
+
+def _measures(item: StepItem, fast_ok: bool) -> list[float | torch.Tensor]:
+    """Numbers the verdict needs: host floats, or 0-dim tensors read after one sync.
 
     G(1,n): ``[min_i |y_i|, max_i |y_i|, max_i |g_i| |y_i|^2]``, or ``[|g|]`` when
-    ``item.trusted``; other manifolds: ``[max |y|, max |g|]``; Euclidean: ``[max |g|]``.
-    Empty shards give ``[]``.
+    ``item.trusted``; other manifolds: ``[0 or NaN, 0 or NaN]`` (point, gradient finite);
+    Euclidean: ``[0 or NaN]``. Empty shards give ``[]``. On CPU the gradient-only
+    measures are one C sweep (:func:`rbn_geoopt.kernels.dispatch.sum_squares`).
     """
     grad, y = local(item.grad), local(item.param)
     if grad.numel() == 0:
         return []
     if is_euclidean(item.manifold):
-        return [grad.abs().amax()]
+        return [_finite(grad, fast_ok)]
     if item.trusted:
-        return [torch.linalg.vector_norm(grad, dtype=working_dtype(y.dtype))]
+        return [_norm(grad, fast_ok)]
     if not is_grassmann1(item.manifold):
-        return [y.abs().amax(), grad.abs().amax()]
+        return [_finite(y, fast_ok), _finite(grad, fast_ok)]
     ndim, dtype = item.manifold.ndim, working_dtype(y.dtype)
     rn = torch.linalg.vector_norm(_rows(y, ndim), dim=1, dtype=dtype)
     gn = torch.linalg.vector_norm(_rows(grad, ndim), dim=1, dtype=dtype)
@@ -119,10 +137,10 @@ def _verdict(item: StepItem, values: list[float]) -> int:
     if is_euclidean(item.manifold):
         return _OK if math.isfinite(values[0]) else _BAD_GRAD
     if not is_grassmann1(item.manifold):
-        point_max, grad_max = values
-        if not math.isfinite(point_max):
+        point, grad = values
+        if not math.isfinite(point):
             return _BAD_POINT
-        return _OK if math.isfinite(grad_max) else _BAD_GRAD
+        return _OK if math.isfinite(grad) else _BAD_GRAD
     limit = _limit(item.param.dtype)
     if item.trusted:  # unit points: |g_i| |y_i|^2 <= |g| (1 + rounding)
         return _OK if values[0] <= limit / 2 else _BAD_GRAD
@@ -134,15 +152,17 @@ def _verdict(item: StepItem, values: list[float]) -> int:
 
 def _local_verdict(items: list[StepItem]) -> list[tuple[int, StepItem]]:
     """Failing ``(code, item)`` pairs on this rank (empty when all pass): one sync per device."""
-    measures = [_measures(item) for item in items]
+    fast_ok = c_enabled()
+    measures = [_measures(item, fast_ok) for item in items]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for values in measures:
         for value in values:
-            by_device.setdefault(value.device, []).append(value)
+            if isinstance(value, torch.Tensor):
+                by_device.setdefault(value.device, []).append(value)
     host = {device: iter(torch.stack(vals).tolist()) for device, vals in by_device.items()}
     failed = []
     for item, values in zip(items, measures, strict=True):
-        numbers = [next(host[v.device]) for v in values]
+        numbers = [next(host[v.device]) if isinstance(v, torch.Tensor) else v for v in values]
         code = _verdict(item, numbers)
         if code != _OK:
             failed.append((code, item))

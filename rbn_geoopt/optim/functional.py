@@ -1,13 +1,13 @@
 r"""Functional cores: one optimizer step over lists of tensors, in the style of ``torch.optim``.
 
-``sgdg`` and ``adamg`` step manifold parameters one tensor at a time, on one of two paths
+``sgdg`` and ``adamg`` step manifold parameters on one of two paths
 with the same results to float rounding:
 
-* fused (``fused=True``, the optimizers' default): a float32/float64 ``Grassmann1``
-  parameter is stepped in place by :mod:`rbn_geoopt.kernels` -- a few dot products per
+* fused (``fused=True``, the optimizers' default): the float32/float64 ``Grassmann1``
+  parameters are stepped in place together by :mod:`rbn_geoopt.kernels` (the multi-tensor
+  path: one C call for all of them on CPU, pure torch elsewhere) -- a few dot products per
   point, then the new point and momentum written as linear combinations of ``y``, the
-  momentum and ``g`` (a C kernel on CPU, pure torch elsewhere), at the memory traffic of
-  torch's momentum SGD;
+  momentum and ``g``, at the memory traffic of torch's momentum SGD;
 * straightforward: every other manifold (and ``fused=False``) goes through the per-point
   kernels of :mod:`rbn_geoopt.optim.kernels`, which only call the manifold's operators.
 
@@ -27,7 +27,7 @@ from geoopt.manifolds.base import Manifold
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
-from ..kernels import adamg_step_, sgdg_step_
+from ..kernels import adamg_foreach_, sgdg_foreach_
 from ..manifold import Grassmann1
 from .kernels import (
     adamg_point_step,
@@ -114,6 +114,7 @@ def sgdg(
     before its first step: a new buffer is put in the list when ``momentum != 0``).
     ``fused`` selects the fused path for the parameters it applies to (module docstring).
     """
+    batch: tuple[list, list, list, list] = ([], [], [], [])  # the fused path, one call
     for i, (param, grad, manifold) in enumerate(zip(params, grads, manifolds, strict=True)):
         if _fusable(fused, manifold, param, lr):
             tau = momentum_buffers[i] if momentum != 0 else None
@@ -121,9 +122,8 @@ def sgdg(
                 tau = torch.zeros_like(param, memory_format=torch.contiguous_format)
                 momentum_buffers[i] = tau
             g = _fused_grad(param, grad, manifold.ndim, omega)
-            sgdg_step_(
-                param, g, tau, ndim=manifold.ndim, lr=lr, momentum=momentum, grad_clip=grad_clip
-            )
+            for column, value in zip(batch, (param, g, tau, manifold.ndim), strict=True):
+                column.append(value)
             continue
         y = _working(param)
         h = _clipped_rgrad(
@@ -138,6 +138,9 @@ def sgdg(
             momentum_buffers[i] = new_tau.clone(memory_format=torch.contiguous_format)
         else:
             tau.copy_(new_tau)
+    if batch[0]:
+        ys, gs, taus, ndims = batch
+        sgdg_foreach_(ys, gs, taus, ndims=ndims, lr=lr, momentum=momentum, grad_clip=grad_clip)
 
 
 def adamg(
@@ -163,24 +166,16 @@ def adamg(
     scalar per point (keepdim shape), ``state_steps[i]`` a scalar tensor step counter.
     ``fused`` selects the fused path for the parameters it applies to (module docstring).
     """
+    batch: tuple[list, ...] = ([], [], [], [], [], [])  # the fused path, one call
     for param, grad, exp_avg, exp_avg_sq, step_t, manifold in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, manifolds, strict=True
     ):
         if _fusable(fused, manifold, param, lr):
             step_t += 1
-            adamg_step_(
-                param,
-                _fused_grad(param, grad, manifold.ndim, omega),
-                exp_avg,
-                exp_avg_sq,
-                ndim=manifold.ndim,
-                step=step_t.item(),
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                grad_clip=grad_clip,
-            )
+            g = _fused_grad(param, grad, manifold.ndim, omega)
+            values = (param, g, exp_avg, exp_avg_sq, manifold.ndim, step_t.item())
+            for column, value in zip(batch, values, strict=True):
+                column.append(value)
             continue
         y = _working(param)
         h = _clipped_rgrad(
@@ -200,6 +195,21 @@ def adamg(
             eps=eps,
         )
         exp_avg.copy_(_store(manifold, param, new_y, new_m))
+    if batch[0]:
+        ys, gs, ms, vs, ndims, steps = batch
+        adamg_foreach_(
+            ys,
+            gs,
+            ms,
+            vs,
+            ndims=ndims,
+            steps=steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            grad_clip=grad_clip,
+        )
 
 
 def euclidean_sgd(
