@@ -8,7 +8,8 @@ gradients; the methods are timed in turn inside each repeat (interleaved, so tha
 noise hits all of them alike) and the medians are printed with their ratios to
 ``torch.optim.SGD(momentum=0.9, foreach=True)`` and ``torch.optim.Adam(foreach=True)``.
 
-Methods: the fused step through the C kernel and through the torch fallback, the
+Methods: the optimizers' whole ``step()`` (step guard included), the multi-tensor fused
+step alone through the C kernel and through the torch fallback, the
 straightforward per-tensor composition of ``Grassmann1`` operators (``egrad2rgrad``,
 ``expmap_transp``), and geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on ``SphereExact``
 (rows as points) unless ``--no-geoopt``.
@@ -26,6 +27,7 @@ import geoopt
 import torch
 
 from ..manifold import Grassmann1
+from ..optim import SGDG, AdamG
 from . import dispatch
 
 LR, MOMENTUM, BETAS, EPS = 0.01, 0.9, (0.9, 0.99), 1e-8
@@ -78,11 +80,10 @@ def _fused_sgdg(shapes, dtype, backend) -> Callable[[], None]:
     ys, gs = _tensors(shapes, dtype)
     taus = [torch.zeros_like(y) for y in ys]
 
+    ndims = [y.dim() - 1 for y in ys]
+
     def step() -> None:
-        for y, g, tau in zip(ys, gs, taus, strict=True):
-            dispatch.sgdg_step_(
-                y, g, tau, ndim=y.dim() - 1, lr=LR, momentum=MOMENTUM, backend=backend
-            )
+        dispatch.sgdg_foreach_(ys, gs, taus, ndims=ndims, lr=LR, momentum=MOMENTUM, backend=backend)
 
     return step
 
@@ -93,15 +94,25 @@ def _fused_adamg(shapes, dtype, backend) -> Callable[[], None]:
     vs = [torch.zeros(y.shape[0], dtype=dtype) for y in ys]
     count = [0]
 
+    ndims = [y.dim() - 1 for y in ys]
+
     def step() -> None:
         count[0] += 1
-        for y, g, m, v in zip(ys, gs, ms, vs, strict=True):
-            dispatch.adamg_step_(
-                y, g, m, v, ndim=y.dim() - 1, step=count[0], lr=LR, beta1=BETAS[0],
-                beta2=BETAS[1], eps=EPS, backend=backend,
-            )  # fmt: skip
+        dispatch.adamg_foreach_(
+            ys, gs, ms, vs, ndims=ndims, steps=count[0], lr=LR, beta1=BETAS[0],
+            beta2=BETAS[1], eps=EPS, backend=backend,
+        )  # fmt: skip
 
     return step
+
+
+def _optimizer(cls, shapes, dtype, **kw) -> Callable[[], None]:
+    """The whole ``step()`` of SGDG / AdamG: step guard, bookkeeping and the fused kernel."""
+    ys, gs = _tensors(shapes, dtype)
+    params = [geoopt.ManifoldParameter(y, manifold=Grassmann1(ndim=y.dim() - 1)) for y in ys]
+    for p, g in zip(params, gs, strict=True):
+        p.grad = g
+    return cls(params, lr=LR, **kw).step
 
 
 def _composed_sgdg(shapes, dtype) -> Callable[[], None]:
@@ -164,9 +175,11 @@ def run(
             torch.optim.SGD, shapes, dtype, momentum=MOMENTUM
         ),
         "torch Adam (foreach)": _torch_opt(torch.optim.Adam, shapes, dtype, betas=BETAS),
+        "SGDG.step()": _optimizer(SGDG, shapes, dtype, momentum=MOMENTUM),
         "SGD-G fused, C": _fused_sgdg(shapes, dtype, "c"),
         "SGD-G fused, torch": _fused_sgdg(shapes, dtype, "torch"),
         "SGD-G composed": _composed_sgdg(shapes, dtype),
+        "AdamG.step()": _optimizer(AdamG, shapes, dtype, betas=BETAS, eps=EPS),
         "Adam-G fused, C": _fused_adamg(shapes, dtype, "c"),
         "Adam-G fused, torch": _fused_adamg(shapes, dtype, "torch"),
         "Adam-G composed": _composed_adamg(shapes, dtype),
