@@ -4,6 +4,7 @@
   in place, with the C kernel when eligible, else pure torch; :func:`sgdg_foreach_`,
   :func:`adamg_foreach_`: the same on a list of tensors, one C call for all of them
   (the optimizers' multi-tensor path);
+* :mod:`.arguments`: their argument checks (shapes, scalars, aliasing between tensors);
 * :mod:`.torch_rows`: the same fused math in pure torch on ``(rows, n)`` matrices (the
   fallback on every device and the reference of the C kernel);
 * ``_crows``: the optional C99 + OpenMP extension built by ``setup.py``;

@@ -36,6 +36,15 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import torch_rows
+from .arguments import (
+    check_no_overlap,
+    check_scalar,
+    check_tensors,
+    clip_threshold,
+    list_item_name,
+    per_tensor_ndims,
+    same_length,
+)
 
 try:  # imported after torch, so that it shares torch's OpenMP runtime (libgomp)
     from . import _crows
@@ -66,52 +75,6 @@ PARALLEL_MIN_NUMEL = 1 << 15
 def c_available() -> bool:
     """True when the C extension was built and imported."""
     return _crows is not None
-
-
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """``[first, last)`` bytes that ``t`` can touch (for the aliasing check)."""
-    start, size = t.data_ptr(), t.element_size()
-    if t.is_contiguous():
-        return start, start + t.numel() * size
-    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
-    return start, start + (span + 1) * size
-
-
-def _check_no_overlap(
-    written: dict[str, Sequence[torch.Tensor | None]], read: dict[str, Sequence[torch.Tensor]]
-) -> None:
-    """ValueError when a written tensor shares memory with any other tensor of the call.
-
-    ``written`` / ``read`` map a list name (``"y"``, ``"g"``, ...) to its tensors. One sweep
-    over the byte ranges sorted by device and start (O(k log k) for k tensors): a range
-    overlaps an earlier one iff it starts before the largest end seen so far on its device;
-    read-only tensors (gradients) may alias each other.
-    """
-    lists = [(name, ts, True) for name, ts in written.items()]
-    lists += [(name, ts, False) for name, ts in read.items()]
-    ranges = sorted(
-        (t.get_device(), *_byte_range(t), k, i, is_written)
-        for k, (_, ts, is_written) in enumerate(lists)
-        for i, t in enumerate(ts)
-        if t is not None and t.numel()
-    )
-    device, end_any, end_written = None, (0, None), (0, None)
-    for where, lo, hi, k, i, is_written in ranges:
-        if where != device:  # address spaces of different devices never overlap
-            device, end_any, end_written = where, (0, None), (0, None)
-        other = end_any[1] if is_written and lo < end_any[0] else None
-        other = end_written[1] if lo < end_written[0] else other
-        if other is not None:
-            a, b = (_list_item_name(lists[x][0], y, len(lists[x][1])) for x, y in (other, (k, i)))
-            raise ValueError(f"{a} and {b} share memory: the step needs separate tensors")
-        end_any = max(end_any, (hi, (k, i)))
-        if is_written:
-            end_written = max(end_written, (hi, (k, i)))
-
-
-def _list_item_name(name: str, index: int, count: int) -> str:
-    """``"y"`` for a list of one tensor, else ``"ys[3]"``."""
-    return name if count == 1 else f"{name}s[{index}]"
 
 
 def c_eligible(*tensors: torch.Tensor | None) -> str | None:
@@ -193,46 +156,6 @@ def _nthreads(numel: int, rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows))
 
 
-def _point_size(y: torch.Tensor, ndim: int) -> int:
-    if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
-        raise ValueError(f"ndim must be an int >= 1, got {ndim!r}")
-    if y.dim() < ndim:
-        raise ValueError(f"y has shape {tuple(y.shape)}: fewer than ndim={ndim} dimensions")
-    return math.prod(y.shape[y.dim() - ndim :])
-
-
-def _check_tensors(y: torch.Tensor, ndim: int, **others: torch.Tensor | None) -> int:
-    """Validate shapes, devices and dtypes; return the point size ``n``."""
-    if not isinstance(y, torch.Tensor) or not y.is_floating_point():
-        raise TypeError(f"y must be a floating-point tensor, got {type(y).__name__}")
-    n = _point_size(y, ndim)
-    for name, t in others.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
-        if t.device != y.device:
-            raise ValueError(f"{name} is on {t.device}, y on {y.device}")
-    return n
-
-
-def _check_scalar(name: str, value: float, lo: float | None = None, hi: float | None = None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value >= hi):
-        raise ValueError(f"{name} must lie in [{lo}, {hi}), got {value!r}")
-
-
-def _nu(grad_clip: float | None) -> float:
-    """The clipping threshold: ``None`` and ``inf`` both mean no clipping."""
-    if grad_clip is None or grad_clip == math.inf:
-        return math.inf
-    _check_scalar("grad_clip", grad_clip)
-    if grad_clip <= 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
-    return float(grad_clip)
-
-
 class _Rows:
     """A ``(rows, n)`` view of a tensor, or a contiguous copy written back by ``done()``."""
 
@@ -266,22 +189,6 @@ def _raise_bad(first_bad: int, y: torch.Tensor, n: int, name: str = "y") -> None
     )
 
 
-def _ndims(ndims: int | Sequence[int], count: int) -> list[int]:
-    if isinstance(ndims, int) and not isinstance(ndims, bool):
-        return [ndims] * count
-    ndims = list(ndims)
-    if len(ndims) != count:
-        raise ValueError(f"ndims has {len(ndims)} entries for {count} tensors")
-    return ndims
-
-
-def _same_length(**lists: Sequence) -> int:
-    lengths = {name: len(value) for name, value in lists.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"the tensor lists must have one length, got {lengths}")
-    return next(iter(lengths.values()))
-
-
 #: dtype code -> [(tensor index, the C tuple of that tensor, rows, n)]
 _Jobs = dict[int, list[tuple[int, tuple, int, int]]]
 
@@ -299,7 +206,7 @@ def _run_c(kernel, jobs: _Jobs, bad: list[int], *args: float) -> None:
 def _raise_first_bad(bad: list[int], ys: Sequence[torch.Tensor], ns: list[int]) -> None:
     for i, first in enumerate(bad):
         if first >= 0:
-            _raise_bad(first, ys[i], ns[i], _list_item_name("y", i, len(ys)))
+            _raise_bad(first, ys[i], ns[i], list_item_name("y", i, len(ys)))
 
 
 def sgdg_foreach_(
@@ -328,20 +235,20 @@ def sgdg_foreach_(
     >>> [bool(torch.allclose(y.flatten(1).norm(dim=1), torch.ones(len(y)))) for y in ys]
     [True, True]
     """
-    count = _same_length(ys=ys, gs=gs, taus=taus)
-    ndims = _ndims(ndims, count)
-    _check_scalar("lr", lr)
-    _check_scalar("momentum", momentum, 0.0)
-    nu = _nu(grad_clip)
+    count = same_length(ys=ys, gs=gs, taus=taus)
+    ndims = per_tensor_ndims(ndims, count)
+    check_scalar("lr", lr)
+    check_scalar("momentum", momentum, 0.0)
+    nu = clip_threshold(grad_clip)
     ns = []
     for y, g, tau, ndim in zip(ys, gs, taus, ndims, strict=True):
-        ns.append(_check_tensors(y, ndim, g=g, tau=tau))
+        ns.append(check_tensors(y, ndim, g=g, tau=tau))
         if g.shape != y.shape or (tau is not None and tau.shape != y.shape):
             shapes = (tuple(y.shape), tuple(g.shape), None if tau is None else tuple(tau.shape))
             raise ValueError(f"y, g, tau must have one shape, got {shapes}")
         if tau is None and momentum != 0:
             raise ValueError("momentum != 0 needs a momentum buffer tau (zeros at the start)")
-    _check_no_overlap({"y": ys, "tau": taus}, {"g": gs})
+    check_no_overlap({"y": ys, "tau": taus}, {"g": gs})
     choice = _backend(backend)
     bad = [-1] * count
     jobs: _Jobs = {}
@@ -452,20 +359,20 @@ def adamg_foreach_(
     >>> bool(torch.allclose(ys[0].norm(dim=1), torch.ones(4)))
     True
     """
-    count = _same_length(ys=ys, gs=gs, ms=ms, vs=vs)
-    ndims = _ndims(ndims, count)
+    count = same_length(ys=ys, gs=gs, ms=ms, vs=vs)
+    ndims = per_tensor_ndims(ndims, count)
     if isinstance(steps, (int, float)):
         steps = [steps] * count
     elif len(steps) != count:
         raise ValueError(f"steps has {len(steps)} entries for {count} tensors")
-    _check_scalar("lr", lr)
-    _check_scalar("beta1", beta1, 0.0, 1.0)
-    _check_scalar("beta2", beta2, 0.0, 1.0)
-    _check_scalar("eps", eps, 0.0)
-    nu = _nu(grad_clip)
+    check_scalar("lr", lr)
+    check_scalar("beta1", beta1, 0.0, 1.0)
+    check_scalar("beta2", beta2, 0.0, 1.0)
+    check_scalar("eps", eps, 0.0)
+    nu = clip_threshold(grad_clip)
     ns = []
     for y, g, m, v, ndim, step in zip(ys, gs, ms, vs, ndims, steps, strict=True):
-        n = _check_tensors(y, ndim, g=g, m=m, v=v)
+        n = check_tensors(y, ndim, g=g, m=m, v=v)
         ns.append(n)
         if g.shape != y.shape or m.shape != y.shape:
             shapes = (tuple(y.shape), tuple(g.shape), tuple(m.shape))
@@ -473,8 +380,8 @@ def adamg_foreach_(
         if v.numel() != y.numel() // n:
             rows = y.numel() // n
             raise ValueError(f"v has {v.numel()} elements, expected one per point ({rows})")
-        _check_scalar("step", step, 1.0)
-    _check_no_overlap({"y": ys, "m": ms, "v": vs}, {"g": gs})
+        check_scalar("step", step, 1.0)
+    check_no_overlap({"y": ys, "m": ms, "v": vs}, {"g": gs})
     choice = _backend(backend)
     bad = [-1] * count
     jobs: _Jobs = {}
