@@ -225,6 +225,12 @@ def summary_markdown(results: dict) -> str:
         f"wall time {meta.get('seconds', 0):.0f} s.",
         "",
     ]
+    if meta.get("runs"):  # merged from several runs (comparisons.merge)
+        lines += ["Merged from these runs (later runs replace a study):", ""]
+        for run in meta["runs"]:
+            studies = ", ".join(run["studies"])
+            lines.append(f"* `{run['command']}`: {studies} ({run['seconds'] or 0:.0f} s)")
+        lines.append("")
     if "A" in results:
         lines += study_a_markdown(results["A"])
     if "sweep" in results:

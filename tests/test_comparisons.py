@@ -196,6 +196,27 @@ def test_smoke_summary_has_a_table_per_study_with_the_issue_names(smoke_out):
 
 
 # -------------------------------------------------------------------------- bad input
+def test_merge_takes_each_study_from_the_last_run_that_has_it(smoke_out, tmp_path):
+    from comparisons import merge
+
+    out, proc = smoke_out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = json.loads((out / "results.json").read_text())
+    later = {"meta": {**full["meta"], "command": "python -m comparisons --study C"}}
+    later["C"] = {**full["C"], "rounds": 999}
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(full))
+    second.write_text(json.dumps(later))
+    assert merge.main([str(tmp_path / "merged"), str(first), str(second)]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["C"]["rounds"] == 999 and merged["A"] == full["A"]
+    assert merged["meta"]["studies"] == ["A", "sweep", "B", "C"]
+    summary = (tmp_path / "merged" / "summary.md").read_text()
+    assert "`python -m comparisons --study C`: C" in summary
+    assert (tmp_path / "merged" / "study_a_vgg_curves.png").is_file()
+    assert merge.main([str(tmp_path / "x"), str(tmp_path / "missing.json")]) == 2
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
