@@ -184,6 +184,14 @@ def study_c_markdown(result: dict) -> list[str]:
             ]
         )
     lines += _table(header, rows) + [""]
+    speedups = result.get("speedups", {})
+    if speedups:
+        lines += [
+            "Speed-up over geoopt on the same weights (geoopt's step time / ours): "
+            + ", ".join(f"{ours} {value:.1f}x" for ours, value in speedups.items())
+            + ".",
+            "",
+        ]
     if "train_step" in result:
         lines += _train_step_markdown(result["train_step"])
     return lines

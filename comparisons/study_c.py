@@ -71,6 +71,8 @@ BASELINE_OF = {
     "Adam-G": "Adam (foreach)",
     "RiemannianAdam (SphereExact)": "Adam (foreach)",
 }
+#: ours -> geoopt's optimizer on SphereExact: "speedups" = geoopt's time / ours
+GEOOPT_OF = {"SGD-G": "RiemannianSGD (SphereExact)", "Adam-G": "RiemannianAdam (SphereExact)"}
 LABELS = ("SGD (foreach)", "SGD-G", "RiemannianSGD (SphereExact)") + (
     "Adam (foreach)",
     "Adam-G",
@@ -163,6 +165,11 @@ def run_study_c(
         "baseline_of": BASELINE_OF,
         "state_bytes": sizes,
         "state_ratios": _ratios(sizes, BASELINE_OF),
+        "speedups": {
+            ours: medians[theirs] / medians[ours]
+            for ours, theirs in GEOOPT_OF.items()
+            if ours in medians and theirs in medians
+        },
     }
     if train:
         result["train_step"] = run_train_step(train, device=device, tick=lambda: bar.update(1))
@@ -186,6 +193,8 @@ def summary_lines(result: dict) -> list[str]:
         state = result.get("state_ratios", {}).get(label)
         extra = "" if state is None else f"; state {state:.2f}x"
         lines.append(f"  {label}: {ratio:.2f}x {base}{extra}")
+    for ours, speedup in result.get("speedups", {}).items():
+        lines.append(f"  {ours} is {speedup:.1f}x faster than {GEOOPT_OF[ours]}")
     train = result.get("train_step")
     if train:
         lines.append(f"study C, training step of vgg{tuple(train['model']['widths'])}:")

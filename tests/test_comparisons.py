@@ -173,6 +173,8 @@ def test_smoke_results_are_complete_and_finite(smoke_out):
     assert set(c["state_ratios"]) == set(study_c.BASELINE_OF)
     assert c["state_ratios"]["SGD-G"] == 1.0
     assert 0.5 <= c["state_ratios"]["Adam-G"] <= 0.55
+    assert set(c["speedups"]) == {"SGD-G", "Adam-G"} and all(v > 0 for v in c["speedups"].values())
+    assert "SGD-G is " in proc.stdout and "faster than RiemannianSGD (SphereExact)" in proc.stdout
     t = c["train_step"]
     assert set(t["median_seconds"]) == set(train_step.TRAIN_LABELS)
     assert set(t["ratios"]) == set(train_step.TRAIN_BASELINE_OF)
@@ -191,6 +193,7 @@ def test_smoke_summary_has_a_table_per_study_with_the_issue_names(smoke_out):
         assert label in rows, label
     assert "pymanopt SteepestDescent (Sphere)" in rows
     assert "One training step of a BN-CNN" in text
+    assert "Speed-up over geoopt on the same weights" in text
     assert "SGD-G (paper recipe)" in rows and "Adam-G (paper recipe)" in rows
     assert "nan" not in text.lower() and "inf " not in text.lower()
 
