@@ -1,6 +1,6 @@
 r"""The step guard: refuse a step whose inputs would silently produce NaN parameters.
 
-Before a step changes anything, SGDG and AdamG check, in one pass with one host sync:
+Before a step changes anything, SGDG and AdamG check, in one pass over the gradients:
 
 * every gradient is finite (plain parameters too);
 * every G(1,n) point ``y_i`` is a non-zero vector with ``|y_i| <= L`` and its gradient is
@@ -15,7 +15,10 @@ autograd version counter is the one recorded after that step: ``StepItem.trusted
 the unit points that step wrote, so only its gradient is read: the norm of the whole
 gradient bounds every ``|g_i|`` and ``|y_i| = 1`` up to rounding. That keeps the guard at one
 read of the gradients; the first step, and any step after the parameter was changed in
-place (``stabilize``, a user's ``mul_``), checks the points again.
+place (``stabilize``, a user's ``mul_``), checks the points again. On CPU that read is one
+C sweep per gradient (:func:`rbn_geoopt.kernels.dispatch.sum_squares`: its squared norm
+and whether it is finite, at memory speed), also for plain parameters and other manifolds;
+elsewhere torch reductions, read after one synchronization per device.
 
 A failure raises before any parameter or state is touched: :class:`NonFiniteGradientError`
 (a ``ValueError``) for a gradient, ``ValueError`` for a point, naming the parameter (and the
