@@ -281,6 +281,29 @@ def test_invalid_points_are_left_unchanged_and_reported(backend, algo, bad_value
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algo", ["sgdg", "adamg"])
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
+def test_rows_with_non_finite_gradients_are_left_unchanged_and_reported(backend, algo, bad_value):
+    """The optimizers' guard refuses such gradients first; the kernels never write NaN."""
+    y, g, mom, v = random_state(7)
+    v = v.flatten()
+    g[2, 1, 0, 0] = bad_value
+    g[9, 0, 2, 1] = bad_value
+    before = (y.clone(), mom.clone(), v.clone())
+    with pytest.raises(ValueError, match="point 2 of y .*gradient is not finite"):
+        if algo == "sgdg":
+            sgdg_step_(y, g, mom, ndim=NDIM, lr=0.1, momentum=0.9, backend=backend)
+        else:
+            adamg_step_(y, g, mom, v, ndim=NDIM, step=3, lr=0.1, backend=backend, **ADAM)
+    bad = torch.zeros(SHAPE[0], dtype=torch.bool)
+    bad[[2, 9]] = True
+    stepped = (y, mom, v) if algo == "adamg" else (y, mom)  # SGD-G has no v
+    for new, old in zip(stepped, before, strict=False):
+        assert torch.equal(new[bad], old[bad]) and not torch.equal(new[~bad], old[~bad])
+        assert torch.isfinite(new).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_check_false_does_not_raise(backend):
     y, g, tau, _ = random_state(6)
     y[2] = 0

@@ -207,6 +207,35 @@ def test_row_zeroed_after_some_steps_is_refused_at_the_next_step(cls):
 
 
 @pytest.mark.parametrize("cls", [SGDG, AdamG])
+def test_data_replaced_after_some_steps_is_checked_again(cls):
+    """``p.data = ...`` keeps the autograd version; the new storage still revokes trust."""
+    named, opt, gen = _setup(cls)
+    fc = named["fc.weight"]
+    fc.data = torch.zeros_like(fc)
+    fc.data[0] = 1.0
+    _grads(named, gen)
+    before = _everything(named, opt)
+    with pytest.raises(ValueError, match="'fc.weight' holds a zero vector at row 1"):
+        opt.step()
+    _assert_unchanged(before, named, opt)
+
+
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
+def test_zero_row_written_through_data_is_left_untouched(cls):
+    """Writes through ``p.data`` bypass autograd's version counter: the guard trusts the
+    parameter, and the kernel leaves the rows it cannot step as they are and raises (here
+    every row of fc: the orthogonality term of a zero row makes the whole gradient NaN)."""
+    named, opt, gen = _setup(cls)
+    fc = named["fc.weight"]
+    fc.data[1] = 0.0
+    _grads(named, gen)
+    with pytest.raises(ValueError, match=r"point \d of .*zero or non-finite .*gradient"):
+        opt.step()
+    assert torch.equal(fc.detach()[1], torch.zeros_like(fc[1]))
+    assert torch.isfinite(fc).all()
+
+
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_non_finite_point_is_refused_naming_parameter_and_row(cls, value):
     named, opt, gen = _setup(cls)

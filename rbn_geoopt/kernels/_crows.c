@@ -216,7 +216,8 @@ static int64_t job_of_block(const struct job *jobs, int64_t njobs, int64_t b)
 
 /* Step every row of every job, in one parallel loop over the blocks of all of them (the
  * multi-tensor path: one OpenMP region per optimizer step). bad[j] receives the smallest
- * row of job j whose <y,y> is zero or not finite (left untouched), or -1. */
+ * row of job j whose <y,y> is zero or not finite or whose gradient is not finite (left
+ * untouched), or -1. */
 static void step_jobs(int dtype, struct job *jobs, int64_t njobs, int nthreads, int64_t *bad)
 {
     int64_t nblocks = 0;
@@ -347,7 +348,8 @@ PyDoc_STRVAR(sgdg_many_doc,
              "place, in one parallel loop over their rows. tensors: a sequence of\n"
              "(y, g, tau, rows, n), y, g, tau the addresses of C-contiguous (rows, n)\n"
              "buffers (tau = 0: no momentum buffer); nu = inf: no clipping. Returns, per\n"
-             "tensor, the first row with <y,y> zero or not finite (left untouched), or -1.");
+             "tensor, the first row with <y,y> zero or not finite or a non-finite gradient\n"
+             "(left untouched), or -1.");
 
 static PyObject *py_sgdg_many(PyObject *self, PyObject *args)
 {

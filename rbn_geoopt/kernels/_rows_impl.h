@@ -131,7 +131,8 @@ static void FN(row_coefficients)(const struct dots *s, const struct step_args *a
 }
 
 /* Step rows [lo, hi) in place; returns the first row in it whose <y,y> is zero or not
- * finite (left untouched), or INT64_MAX. v: one element per row (Adam-G) or NULL. */
+ * finite or whose gradient is not finite (such rows are left untouched), or INT64_MAX.
+ * v: one element per row (Adam-G) or NULL. */
 static TARGET int64_t FN(step_rows)(T *y, const T *g, T *mom, T *v, int64_t lo, int64_t hi,
                                     int64_t n, const struct step_args *args)
 {
@@ -142,7 +143,7 @@ static TARGET int64_t FN(step_rows)(T *y, const T *g, T *mom, T *v, int64_t lo, 
     for (int64_t i = lo; i < hi; ++i) {
         const int last = i + 1 == hi;
         struct dots next = {0, 0, 0, 0, 0, 0};
-        if (!(cur.yy > 0) || !isfinite(cur.yy)) {
+        if (!(cur.yy > 0) || !isfinite(cur.yy) || !isfinite(cur.yg) || !isfinite(cur.gg)) {
             if (i < bad) bad = i;
             if (!last) next = FN(row_dots)(ROW(y, i + 1), ROW(g, i + 1), ROW(mom, i + 1), n);
         } else {

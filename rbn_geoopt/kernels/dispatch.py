@@ -184,8 +184,8 @@ def _written(*tensors: torch.Tensor | None) -> None:
 def _raise_bad(first_bad: int, y: torch.Tensor, n: int, name: str = "y") -> None:
     raise ValueError(
         f"point {first_bad} of {name} (shape {tuple(y.shape)}, rows of {n}) is a zero or "
-        "non-finite vector, not a point of G(1,n): it was left unchanged, the other rows "
-        "were stepped"
+        "non-finite vector (not a point of G(1,n)) or its gradient is not finite: it was "
+        "left unchanged, the other rows were stepped"
     )
 
 

@@ -23,7 +23,9 @@ combinations ``k0 y + k1 mom + k2 g`` and ``k3 y + k4 mom + k5 g``. The per-row 
 
 Half-precision tensors are computed in float32 and stored back; the float32 momentum is
 then re-projected at the rounded point actually stored. Rows whose ``<y, y>`` is
-zero or not finite are not points: they are left unchanged and flagged in the returned mask.
+zero or not finite are not points, and rows with a non-finite gradient cannot be stepped:
+both are left unchanged and flagged in the returned mask (the optimizers' step guard
+refuses such input before, this keeps a NaN from being written when it is bypassed).
 
 >>> y = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
 >>> g = torch.tensor([[0.0, -0.25]], dtype=torch.float64)
@@ -121,9 +123,12 @@ def _check_rows(y: torch.Tensor, **others: torch.Tensor | None) -> None:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, y has {tuple(y.shape)}")
 
 
-def _bad_rows(yy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(bad, yy_safe)``: rows whose ``<y, y>`` is zero or not finite, and ``yy`` with 1 there."""
-    bad = ~((yy > 0) & torch.isfinite(yy))
+def _bad_rows(
+    yy: torch.Tensor, yg: torch.Tensor, gg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bad, yy_safe)``: rows whose ``<y, y>`` is zero or not finite or whose gradient is
+    not finite (``<y, g>``, ``<g, g>``), and ``yy`` with 1 there."""
+    bad = ~((yy > 0) & torch.isfinite(yy) & torch.isfinite(yg) & torch.isfinite(gg))
     return bad, torch.where(bad, 1, yy)
 
 
@@ -170,7 +175,7 @@ def sgdg_rows_(
     yw, gw = _as_working(y, wd), _as_working(g, wd)
     tw = None if tau is None else _as_working(tau, wd)
     yy, yg, gg = _dot(yw, yw), _dot(yw, gw), _dot(gw, gw)
-    bad, yy = _bad_rows(yy)
+    bad, yy = _bad_rows(yy, yg, gg)
     hn2, c = _clip(yy, yg, gg, nu)
     lc = lr * c
     gamma = 0.0 if tw is None else momentum
@@ -217,7 +222,7 @@ def adamg_rows_(
     yw, gw, mw = _as_working(y, wd), _as_working(g, wd), _as_working(m, wd)
     v_rows = v.view(-1, 1)
     yy, yg, gg = _dot(yw, yw), _dot(yw, gw), _dot(gw, gw)
-    bad, yy = _bad_rows(yy)
+    bad, yy = _bad_rows(yy, yg, gg)
     hn2, c = _clip(yy, yg, gg, nu)
     sd = yy.dtype
     v_old = v_rows.to(sd)

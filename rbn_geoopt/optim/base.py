@@ -39,11 +39,15 @@ from .kernels import (
 __all__ = ["RiemannianOptimizer", "scalar_step"]
 
 
-def _record_stepped(stepped: dict[int, tuple[torch.Tensor, int]], items: list[StepItem]) -> None:
+Stepped = dict[int, tuple[torch.Tensor, int, int]]
+
+
+def _record_stepped(stepped: Stepped, items: list[StepItem]) -> None:
     """Remember the G(1,n) parameters a step has just written (see ``_collect``)."""
     for item in items:
-        if is_grassmann1(item.manifold) and not is_dtensor(item.param):
-            stepped[id(item.param)] = (item.param, item.param._version)
+        param = item.param
+        if is_grassmann1(item.manifold) and not is_dtensor(param):
+            stepped[id(param)] = (param, param._version, param.data_ptr())
 
 
 def scalar_step() -> torch.Tensor:
@@ -178,7 +182,7 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                 loss = closure()
         work = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
         check_step_inputs(type(self).__name__, [item for items in work for item in items])
-        stepped: dict[int, tuple[torch.Tensor, int]] = {}
+        stepped: Stepped = {}
         for group, items in zip(self.param_groups, work, strict=True):
             plain = [item for item in items if is_euclidean(item.manifold)]
             curved = [item for item in items if not is_euclidean(item.manifold)]
@@ -206,10 +210,13 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
 
         ``trusted``: the parameter holds the unit points that the last step of this
         optimizer wrote -- it was stepped then (``_stepped_versions`` maps ``id(param)`` to
-        the parameter and its autograd version right after that step) and nobody has
-        modified it in place since. The step guard then reads only its gradient
-        (:mod:`.checks`). DTensor parameters are never recorded (their local shards are
-        written, not the DTensor itself), nor are steps with ``lr = 0``, which write nothing.
+        the parameter, its autograd version and its data pointer right after that step)
+        and nobody has modified it in place or replaced its ``.data`` since. The step guard
+        then reads only its gradient (:mod:`.checks`). Writes through ``param.data`` are not
+        counted by autograd: a zero or non-finite row they leave is still caught by the
+        kernel, which leaves that row untouched and raises. DTensor parameters are never
+        recorded (their local shards are written, not the DTensor itself), nor are steps
+        with ``lr = 0``, which write nothing.
         """
         stepped = self.__dict__.get("_stepped_versions", {})
         items = []
@@ -223,7 +230,15 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                 )
             manifold = manifold_of(param, group)
             last = stepped.get(id(param))
-            trusted = last is not None and last[0] is param and last[1] == param._version
+            trusted = (
+                last is not None
+                and last[0] is param
+                and last[1:]
+                == (
+                    param._version,
+                    param.data_ptr(),
+                )
+            )
             items.append(StepItem(group, index, j, param, param.grad, manifold, trusted))
         return items
 
