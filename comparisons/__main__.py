@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         action="store_true",
         help="also run the learning-rate sweep chosen on a validation split "
-        "(about 12 min with --quick, 35 min with --full, on 2 idle cores)",
+        "(about 12 min with --quick on 2 idle cores; 55 min with --full measured on 2 "
+        "shared cores)",
     )
     p.add_argument(
         "--methods",

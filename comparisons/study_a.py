@@ -42,7 +42,8 @@ _RESNET = {"name": "preact_resnet", "widths": (16, 32, 64), "blocks": 1}
 #: quick study A (120k training and 48k test images through the VGG net) took 115 s, about
 #: 0.85 ms per training image (a test image a third of that); the pre-activation ResNet costs
 #: about the same. Estimated from that: full study A about 54 min, sweep with --quick about
-#: 12 min (measured: 28 min with 1 thread on a shared machine), with --full about 32 min.
+#: 12 min (measured: 28 min with 1 thread on a shared machine), with --full about 32 min
+#: (measured: 55 min on 2 cores shared with other work).
 #: A machine shared with other jobs can take twice as long.
 BUDGETS = {
     "smoke": {
