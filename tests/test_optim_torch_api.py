@@ -168,8 +168,8 @@ def test_step_with_closure_re_evaluates_under_grad_and_returns_the_loss(cls):
 
     with torch.no_grad():  # step must re-enable grad for the closure
         loss = opt.step(closure)
-    assert calls and float(loss) == calls[-1]
-    losses = [float(opt.step(closure)) for _ in range(30)]
+    assert calls and float(loss.detach()) == calls[-1]
+    losses = [float(opt.step(closure).detach()) for _ in range(30)]
     assert losses[-1] < losses[0]
 
 
