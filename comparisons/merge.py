@@ -1,9 +1,11 @@
-"""Merge the ``results.json`` of several runs into one summary (later runs win per study).
+"""Merge the ``results.json`` of several runs into one summary.
 
 The README's results come from more than one run (``--full`` for studies A-C, then
-``--full --study sweep --sweep``, then a rerun of study C after a speed change); this puts
-them into one ``summary.md`` / ``results.json`` / plots, and the summary lists every run's
-command and wall time.
+``--full --study sweep --sweep``, a third seed of study A, a rerun of study C after a speed
+change); this puts them into one ``summary.md`` / ``results.json`` / plots, and the summary
+lists every run's command and wall time. A later run replaces a study, except study A runs
+of the same models and budget with other seeds: their seeds are added (runs concatenated,
+medians and the baseline's error recomputed).
 
 Example::
 
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from . import report
+from .study_a import summarize_method
 
-__all__ = ["merge_results"]
+__all__ = ["merge_results", "merge_study_a"]
 
 STUDY_ORDER = ("A", "sweep", "B", "C")
 
@@ -37,7 +41,11 @@ def merge_results(runs: list[dict]) -> dict:
         raise ValueError("merge_results: no runs given")
     merged: dict = {}
     for run in runs:
-        merged.update({k: v for k, v in run.items() if k != "meta"})
+        for study, value in run.items():
+            if study == "A" and "A" in merged:
+                merged["A"] = merge_study_a(merged["A"], value)
+            elif study != "meta":
+                merged[study] = value
     meta = dict(runs[0].get("meta", {}))
     meta["studies"] = [s for s in STUDY_ORDER if s in merged]
     meta["runs"] = [
@@ -53,6 +61,43 @@ def merge_results(runs: list[dict]) -> dict:
     meta["mode"] = modes.pop() if len(modes) == 1 else "mixed"
     merged["meta"] = meta
     return merged
+
+
+def _same_budget(a: dict, b: dict) -> bool:
+    """Same models with the same configurations and LR drops, and disjoint seeds."""
+    if set(a["models"]) != set(b["models"]) or set(a["seeds"]) & set(b["seeds"]):
+        return False
+    return all(
+        a["models"][k]["config"] == b["models"][k]["config"]
+        and a["models"][k]["drops"] == b["models"][k]["drops"]
+        and set(a["models"][k]["methods"]) == set(b["models"][k]["methods"])
+        for k in a["models"]
+    )
+
+
+def merge_study_a(a: dict, b: dict) -> dict:
+    """Study A with the seeds of ``a`` and ``b`` when they ran the same budget, else ``b``.
+
+    Runs are concatenated in seed order (only the first keeps its per-step angles), and
+    every summary is recomputed with :func:`comparisons.study_a.summarize_method`.
+    """
+    if not _same_budget(a, b):
+        return b
+    out = {**a, "seeds": list(a["seeds"]) + list(b["seeds"]), "models": {}}
+    for key, model in a["models"].items():
+        methods = {}
+        for label, entry in model["methods"].items():
+            extra = [
+                {k: v for k, v in run.items() if k != "angle_per_step"}
+                for run in b["models"][key]["methods"][label]["runs"]
+            ]
+            methods[label] = {**entry, "runs": entry["runs"] + extra}
+        base_runs = methods[model["baseline_method"]]["runs"]
+        base_error = statistics.median(r["test_error"][-1] for r in base_runs)
+        for entry in methods.values():
+            entry["summary"] = summarize_method(entry["runs"], base_error)
+        out["models"][key] = {**model, "baseline_error": base_error, "methods": methods}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -218,6 +219,37 @@ def test_merge_takes_each_study_from_the_last_run_that_has_it(smoke_out, tmp_pat
     assert "`python -m comparisons --study C`: C" in summary
     assert (tmp_path / "merged" / "study_a_vgg_curves.png").is_file()
     assert merge.main([str(tmp_path / "x"), str(tmp_path / "missing.json")]) == 2
+
+
+def test_merge_adds_the_seeds_of_study_a_runs_with_the_same_budget(smoke_out):
+    import copy
+
+    from comparisons import merge
+
+    out, proc = smoke_out
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((out / "results.json").read_text())["A"]
+    b = copy.deepcopy(a)
+    b["seeds"] = [7]
+    for model in b["models"].values():
+        for entry in model["methods"].values():
+            for run in entry["runs"]:
+                run["test_error"] = [e + 10.0 for e in run["test_error"]]
+    merged = merge.merge_study_a(a, b)
+    assert merged["seeds"] == a["seeds"] + [7]
+    for key, model in merged["models"].items():
+        for label, entry in model["methods"].items():
+            old = a["models"][key]["methods"][label]
+            assert len(entry["runs"]) == len(old["runs"]) + 1
+            assert "angle_per_step" not in entry["runs"][-1]
+            finals = [r["test_error"][-1] for r in entry["runs"]]
+            assert entry["summary"]["test_error_median"] == statistics.median(finals)
+            assert entry["summary"]["test_error_max"] == max(finals)
+    # same seeds, or another budget: the later run replaces the earlier one
+    assert merge.merge_study_a(a, a) is a
+    other = copy.deepcopy(b)
+    next(iter(other["models"].values()))["drops"] = [99]
+    assert merge.merge_study_a(a, other) is other
 
 
 def _error_line(capsys) -> str:
