@@ -48,6 +48,8 @@ def merge_results(runs: list[dict]) -> dict:
                 merged[study] = value
     meta = dict(runs[0].get("meta", {}))
     meta["studies"] = [s for s in STUDY_ORDER if s in merged]
+    if isinstance(merged.get("A"), dict) and "seeds" in merged["A"]:
+        meta["seeds"] = merged["A"]["seeds"]  # the seeds of the headline table
     meta["runs"] = [
         {
             "command": run.get("meta", {}).get("command"),

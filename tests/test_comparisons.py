@@ -237,6 +237,8 @@ def test_merge_adds_the_seeds_of_study_a_runs_with_the_same_budget(smoke_out):
                 run["test_error"] = [e + 10.0 for e in run["test_error"]]
     merged = merge.merge_study_a(a, b)
     assert merged["seeds"] == a["seeds"] + [7]
+    both = merge.merge_results([{"meta": {"seeds": a["seeds"]}, "A": a}, {"meta": {}, "A": b}])
+    assert both["meta"]["seeds"] == a["seeds"] + [7]
     for key, model in merged["models"].items():
         for label, entry in model["methods"].items():
             old = a["models"][key]["methods"][label]
