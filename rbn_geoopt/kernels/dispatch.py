@@ -96,11 +96,12 @@ def c_eligible(*tensors: torch.Tensor | None) -> str | None:
 def _c_ok(*tensors: torch.Tensor | None) -> bool:
     """``c_eligible(*tensors) is None``, cheaply (it runs for every tensor of every step)."""
     dtype = tensors[0].dtype
-    return (
-        _crows is not None
-        and dtype in _C_DTYPES
-        and all(t is None or (t.is_cpu and t.dtype == dtype and t.is_contiguous()) for t in tensors)
-    )
+    if _crows is None or dtype not in _C_DTYPES:
+        return False
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            return False
+    return True
 
 
 def c_enabled() -> bool:

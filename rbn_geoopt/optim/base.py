@@ -184,8 +184,9 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         check_step_inputs(type(self).__name__, [item for items in work for item in items])
         stepped: Stepped = {}
         for group, items in zip(self.param_groups, work, strict=True):
-            plain = [item for item in items if is_euclidean(item.manifold)]
-            curved = [item for item in items if not is_euclidean(item.manifold)]
+            plain, curved = [], []
+            for item in items:
+                (plain if is_euclidean(item.manifold) else curved).append(item)
             if plain:
                 self._euclidean_step(
                     group, [item.param for item in plain], [item.grad for item in plain]

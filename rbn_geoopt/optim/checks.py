@@ -41,6 +41,7 @@ rbn_geoopt.optim.checks.NonFiniteGradientError: SGDG: the gradient of parameter 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,7 @@ def _rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(-1, math.prod(t.shape[t.dim() - ndim :]))
 
 
+@functools.cache
 def _limit(dtype: torch.dtype) -> float:
     """Bound on ``|y|`` and on ``|g| |y|^2`` per point (see the module docstring)."""
     return math.sqrt(torch.finfo(working_dtype(dtype)).max) / 4
