@@ -194,14 +194,19 @@ def _raise_bad(first_bad: int, y: torch.Tensor, n: int, name: str = "y") -> None
 _Jobs = dict[int, list[tuple[int, tuple, int, int]]]
 
 
-def _run_c(kernel, jobs: _Jobs, bad: list[int], *args: float) -> None:
-    """One multi-tensor C call per dtype; ``bad[i]`` gets tensor i's first bad row or -1."""
+def _run_c(kernel: str, jobs: _Jobs, bad: list[int], *args: float) -> list[int]:
+    """One multi-tensor call of ``_crows.<kernel>`` per dtype; ``bad[i]`` gets tensor i's
+    first bad row or -1. Returns the indices of the tensors it wrote."""
+    written = []
     for code, items in jobs.items():
         numel = sum(rows * n for _, _, rows, n in items)
         rows = sum(rows for _, _, rows, _ in items)
-        out = kernel([job for _, job, _, _ in items], code, *args, _nthreads(numel, rows))
+        call = getattr(_crows, kernel)
+        out = call([job for _, job, _, _ in items], code, *args, _nthreads(numel, rows))
         for (i, *_), first in zip(items, out, strict=True):
             bad[i] = first
+            written.append(i)
+    return written
 
 
 def _raise_first_bad(bad: list[int], ys: Sequence[torch.Tensor], ns: list[int]) -> None:
@@ -262,8 +267,7 @@ def sgdg_foreach_(
             jobs.setdefault(_C_DTYPES[y.dtype], []).append((i, job, rows, n))
         else:
             bad[i] = _sgdg_torch(y, g, tau, n, lr=lr, momentum=momentum, nu=nu)
-    _run_c(_crows and _crows.sgdg_many, jobs, bad, float(lr), float(momentum), nu)
-    for i, *_ in (item for items in jobs.values() for item in items):
+    for i in _run_c("sgdg_many", jobs, bad, float(lr), float(momentum), nu):
         _written(ys[i], taus[i])
     if check:
         _raise_first_bad(bad, ys, ns)
@@ -397,8 +401,7 @@ def adamg_foreach_(
             jobs.setdefault(_C_DTYPES[y.dtype], []).append((i, job, rows, n))
         else:
             bad[i] = _adamg_torch(y, g, m, v, n, step_size=step_size, **hyper)
-    _run_c(_crows and _crows.adamg_many, jobs, bad, float(beta1), float(beta2), float(eps), nu)
-    for i, *_ in (item for items in jobs.values() for item in items):
+    for i in _run_c("adamg_many", jobs, bad, float(beta1), float(beta2), float(eps), nu):
         _written(ys[i], ms[i], vs[i])
     if check:
         _raise_first_bad(bad, ys, ns)

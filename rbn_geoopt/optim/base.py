@@ -39,7 +39,12 @@ from .kernels import (
 __all__ = ["RiemannianOptimizer", "scalar_step"]
 
 
-Stepped = dict[int, tuple[torch.Tensor, int, int]]
+Stepped = dict[int, tuple[torch.Tensor, tuple[int, int]]]
+
+
+def _write_mark(param: torch.Tensor) -> tuple[int, int]:
+    """What an in-place write or a ``.data`` replacement changes: version, data pointer."""
+    return param._version, param.data_ptr()
 
 
 def _record_stepped(stepped: Stepped, items: list[StepItem]) -> None:
@@ -47,7 +52,7 @@ def _record_stepped(stepped: Stepped, items: list[StepItem]) -> None:
     for item in items:
         param = item.param
         if is_grassmann1(item.manifold) and not is_dtensor(param):
-            stepped[id(param)] = (param, param._version, param.data_ptr())
+            stepped[id(param)] = (param, _write_mark(param))
 
 
 def scalar_step() -> torch.Tensor:
@@ -203,7 +208,7 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
-        self.__dict__["_stepped_versions"] = stepped
+        self._stepped_versions = stepped
         return loss
 
     def _collect(self, index: int, group: dict[str, Any]) -> list[StepItem]:
@@ -219,7 +224,7 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         recorded (their local shards are written, not the DTensor itself), nor are steps
         with ``lr = 0``, which write nothing.
         """
-        stepped = self.__dict__.get("_stepped_versions", {})
+        stepped = getattr(self, "_stepped_versions", {})
         items = []
         for j, param in enumerate(group["params"]):
             if param.grad is None:
@@ -231,15 +236,7 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                 )
             manifold = manifold_of(param, group)
             last = stepped.get(id(param))
-            trusted = (
-                last is not None
-                and last[0] is param
-                and last[1:]
-                == (
-                    param._version,
-                    param.data_ptr(),
-                )
-            )
+            trusted = last is not None and last[0] is param and last[1] == _write_mark(param)
             items.append(StepItem(group, index, j, param, param.grad, manifold, trusted))
         return items
 
