@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from geoopt import ManifoldTensor
+from geoopt import ManifoldTensor, Scaled
 from geoopt.manifolds.base import Manifold
 from geoopt.utils import size2shape
 
@@ -353,3 +353,21 @@ class Grassmann1(Manifold):
         flat = x.view(*shape[: len(shape) - self.ndim], -1)
         flat[..., 0] = 1
         return ManifoldTensor(x, manifold=self)
+
+
+def is_grassmann1(obj: Manifold | torch.Tensor) -> bool:
+    """True for ``Grassmann1``, ``geoopt.Scaled(Grassmann1(...))`` (any depth), and a
+    ``ManifoldParameter`` / ``ManifoldTensor`` on one of them.
+
+    The one test of "is this G(1, n)" that the optimizers, the model conversion and the
+    orthogonality term share.
+
+    >>> from geoopt import Sphere
+    >>> is_grassmann1(Scaled(Grassmann1(), 2.0)), is_grassmann1(Sphere())
+    (True, False)
+    """
+    if isinstance(obj, torch.Tensor):
+        obj = getattr(obj, "manifold", None)
+    while isinstance(obj, Scaled):
+        obj = obj.base
+    return isinstance(obj, Grassmann1)

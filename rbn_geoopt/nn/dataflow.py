@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..manifold import Grassmann1
+from ..manifold import Grassmann1, is_grassmann1
 from ._ops import Blocked, describe
 from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Propagation, arg, fetch
 from ._trace import propagate_shapes, trace
@@ -175,13 +175,6 @@ def _manifold_name(param: nn.Parameter) -> str | None:
         if not isinstance(manifold, (Grassmann1, geoopt.Euclidean)):
             return type(manifold).__name__
     return None
-
-
-def is_grassmann1(param: torch.Tensor) -> bool:
-    """True for a ``ManifoldParameter`` / ``ManifoldTensor`` on :class:`Grassmann1`."""
-    return isinstance(param, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)) and isinstance(
-        param.manifold, Grassmann1
-    )
 
 
 def analyse(

@@ -17,8 +17,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from ..manifold import is_grassmann1
 from ..optim.distributed import is_dtensor
-from .dataflow import is_grassmann1
+from ..orthogonality import orthogonality_value
 
 __all__ = ["orthogonality_penalty"]
 
@@ -67,13 +68,8 @@ def orthogonality_penalty(
                     "gathers the full weight"
                 )
             continue
-        ndim = p.manifold.ndim
-        rows = p.reshape(-1, math.prod(p.shape[p.dim() - ndim :]))
-        yh = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        gram = yh @ yh.transpose(0, 1)
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        terms.append((gram - eye).square().sum())
+        terms.append(orthogonality_value(p, p.manifold.ndim, 1.0))
     if not terms:
         like = params[0] if params else torch.zeros(())
         return torch.zeros((), dtype=like.dtype, device=like.device)
-    return 0.5 * omega * torch.stack(terms).sum()
+    return omega * torch.stack(terms).sum()
