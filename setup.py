@@ -1,8 +1,8 @@
-"""Build of the optional C extension ``rbn_geoopt.kernels._crows``.
+"""Build of the optional C extension ``rbn_geoopt.optim._fused._crows``.
 
 The project metadata lives in pyproject.toml; this file only declares the extension.
 It is optional: without a C compiler (or without OpenMP) the package still installs and
-``rbn_geoopt.kernels`` falls back to its pure-torch path with the same results.
+``rbn_geoopt.optim._fused`` falls back to its pure-torch path with the same results.
 """
 
 import os
@@ -24,9 +24,9 @@ ext_modules = []
 if os.environ.get("RBN_GEOOPT_NO_EXT", "") in ("", "0"):
     ext_modules.append(
         Extension(
-            "rbn_geoopt.kernels._crows",
-            sources=["rbn_geoopt/kernels/_crows.c"],
-            depends=["rbn_geoopt/kernels/_rows_impl.h"],
+            "rbn_geoopt.optim._fused._crows",
+            sources=["rbn_geoopt/optim/_fused/_crows.c"],
+            depends=["rbn_geoopt/optim/_fused/_rows_impl.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             py_limited_api=True,

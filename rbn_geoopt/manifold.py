@@ -30,7 +30,7 @@ from geoopt import ManifoldTensor, Scaled
 from geoopt.manifolds.base import Manifold
 from geoopt.utils import size2shape
 
-__all__ = ["Grassmann1"]
+__all__ = ["Grassmann1", "is_grassmann1", "sinc"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -71,7 +71,7 @@ def _two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return p, torch.where(torch.isfinite(e), e, torch.zeros_like(e))  # c * t overflowed
 
 
-def _sinc(t: torch.Tensor) -> torch.Tensor:
+def sinc(t: torch.Tensor) -> torch.Tensor:
     """``sin(t) / t`` with the value 1 at ``t = 0``.
 
     ``sin(t) / t`` on the very ``t`` that ``cos(t)`` sees (``torch.sinc(t / pi)`` rounds
@@ -235,7 +235,7 @@ class Grassmann1(Manifold):
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``xh cos(t) + u sin(t) / |u|`` with ``t = |u| / |x|``: a unit representative."""
         r, xh, t = self._expmap_parts(x, u)
-        return xh * torch.cos(t) + u * (_sinc(t) / r)
+        return xh * torch.cos(t) + u * (sinc(t) / r)
 
     retr = expmap
 
@@ -243,8 +243,8 @@ class Grassmann1(Manifold):
         # (v + <e,v>((cos t - 1) e - sin t xh)) / r with e = u/|u|, |u| = t r:
         # <e,v>(cos t - 1) e = -<u,v> u sinc(t/2)^2 / (2 r^2);  <e,v> sin t = <u,v> sinc(t) / r
         uv = self._dot(u, v)
-        half = _sinc(t / 2)
-        return (v - uv * (u * (half * half / (2 * r * r)) + xh * (_sinc(t) / r))) / r
+        half = sinc(t / 2)
+        return (v - uv * (u * (half * half / (2 * r * r)) + xh * (sinc(t) / r))) / r
 
     @_in_float32
     def transp_follow_expmap(
@@ -266,7 +266,7 @@ class Grassmann1(Manifold):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expmap(x, u), transp_follow_expmap(x, u, v))`` sharing the work."""
         r, xh, t = self._expmap_parts(x, u)
-        y = xh * torch.cos(t) + u * (_sinc(t) / r)
+        y = xh * torch.cos(t) + u * (sinc(t) / r)
         return y, self._transport(r, xh, t, u, v)
 
     retr_transp = expmap_transp
@@ -315,7 +315,7 @@ class Grassmann1(Manifold):
         cut locus (``<x, y> = 0``) ``s = +1`` picks one of the two minimizing geodesics.
         """
         _, _, theta, w = self._angle_parts(x, y)
-        return w / _sinc(theta)
+        return w / sinc(theta)
 
     @_in_float32
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -327,7 +327,7 @@ class Grassmann1(Manifold):
         """
         rx, ry = self._norm(x), self._norm(y)
         xh, s, theta, w = self._angle_parts(x, y)
-        u = w / (rx * _sinc(theta))  # logmap at the unit representative xh
+        u = w / (rx * sinc(theta))  # logmap at the unit representative xh
         moved = self._transport(torch.ones_like(rx), xh, theta, u, v / rx)
         return moved * (s * ry)
 

@@ -1,12 +1,15 @@
 """Plain numpy transcription of SGD-G (Algorithm 1) and Adam-G of Cho & Lee (NIPS 2017).
 
-Written from the paper / DESIGN.md section 3, one row (one weight vector) at a time, with
-no torch and no import of rbn_geoopt: the optimizers are tested against it.
+Written from the paper (docs/design.md, "The optimizers SGD-G and Adam-G"), one row (one
+weight vector) at a time, with no torch and no import of rbn_geoopt: the optimizers are
+tested against it.
 
 Rows are weight vectors ``y``. The paper normalizes each weight before a step and works at
-the unit vector. The gradient ``g`` handed to ``step`` is the Euclidean gradient of a
-scale-invariant loss with respect to the CURRENT representative ``y`` (``|y| = r``); at the
-unit vector ``y / r`` the same loss has the gradient ``r * g``.
+the unit vector ``Y`` (what this reference holds). The gradient ``g`` handed to ``step`` is
+the Euclidean gradient of a scale-invariant loss with respect to the representative the
+optimizer holds, ``r * Y`` with ``r`` the row's norm at the start (the optimizers keep each
+point's norm, so their point is ``points = r * Y`` and their tangent state the lift
+``r * tau``, ``r * m``); at the unit vector the same loss has the gradient ``r * g``.
 
 Per row (unit ``y``)::
 
@@ -65,6 +68,15 @@ class _Reference:
         self.grad_clip = grad_clip
         self.omega = omega
 
+    @property
+    def points(self) -> np.ndarray:
+        """The rows at their original norms: what the optimizers hold."""
+        return self.Y * self.scale[:, None]
+
+    def lift(self, tangent: np.ndarray) -> np.ndarray:
+        """Unit-point tangent vectors as lifts at ``points`` (scaled by each row's norm)."""
+        return tangent * self.scale[:, None]
+
     def _clipped_grads(self, G: np.ndarray) -> list[np.ndarray]:
         Y = self.Y
         G = np.array(G, dtype=np.float64) * self.scale[:, None]
@@ -100,7 +112,6 @@ class SGDGReference(_Reference):
             d = self.momentum * self.tau[i] - self.lr * h
             self.Y[i] = exp_map(y, d)
             self.tau[i] = transport(y, d, d)
-        self.scale = np.ones(self.Y.shape[0])
         return self.Y
 
 
@@ -135,5 +146,4 @@ class AdamGReference(_Reference):
             d = -step_size * self.m[i] / math.sqrt(self.v[i] + self.eps)
             self.Y[i] = exp_map(y, d)
             self.m[i] = transport(y, d, self.m[i])
-        self.scale = np.ones(self.Y.shape[0])
         return self.Y

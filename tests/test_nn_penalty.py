@@ -13,7 +13,7 @@ import torch.nn as nn
 from rbn_geoopt.manifold import Grassmann1
 from rbn_geoopt.nn import orthogonality_penalty, to_grassmann
 from rbn_geoopt.optim import SGDG
-from rbn_geoopt.optim.kernels import orthogonality_egrad
+from rbn_geoopt.orthogonality import orthogonality_egrad
 from tests import models as M
 
 torch.set_num_threads(1)

@@ -1,7 +1,8 @@
-"""The fused path (default) and the straightforward path (foreach=False) of SGDG/AdamG agree.
+"""The fused path (default) and the single-tensor path (fused=False or foreach=False) of
+SGDG/AdamG agree.
 
-The fused kernels of rbn_geoopt.kernels step float32/float64 Grassmann1 parameters; every
-other manifold, half precision and ``lr = 0`` keep the straightforward composition of the
+The fused kernels of rbn_geoopt.optim._fused step float32/float64 Grassmann1 parameters;
+every other manifold and half precision take the single-tensor composition of the
 manifold's operators. Both must give the same trajectories to float rounding.
 """
 
@@ -12,8 +13,7 @@ import pytest
 import torch
 
 from rbn_geoopt import SGDG, AdamG, Grassmann1
-from rbn_geoopt.kernels import dispatch
-from rbn_geoopt.optim import functional
+from rbn_geoopt.optim import _fused, adamg, sgdg
 
 F64 = torch.float64
 CONFIGS = [
@@ -32,13 +32,13 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _trajectory(cls, shape, ndim, dtype, hyper, foreach, steps=25):
+def _trajectory(cls, shape, ndim, dtype, hyper, foreach, steps=25, fused=None):
     gen = torch.Generator().manual_seed(3)
     w = geoopt.ManifoldParameter(
         torch.randn(shape, generator=gen, dtype=dtype) * 3.0, manifold=Grassmann1(ndim=ndim)
     )
     target = torch.randn(shape, generator=gen, dtype=dtype)
-    opt = cls([w], foreach=foreach, **hyper)
+    opt = cls([w], foreach=foreach, fused=fused, **hyper)
     for _ in range(steps):
         opt.zero_grad()
         rows = w.reshape(shape[0], -1)
@@ -60,24 +60,28 @@ def test_fused_equals_straightforward(cls, lr, hyper, shape, ndim, dtype):
     fused, opt_f = _trajectory(cls, shape, ndim, dtype, hyper, foreach=None)
     plain, opt_p = _trajectory(cls, shape, ndim, dtype, hyper, foreach=False)
     tol = 1e-11 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(fused, plain, rtol=0, atol=tol)
+    scale = fused.abs().max().item()  # the points keep their norms (~3 sqrt(n) here)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=tol * scale)
     (p_f,), (p_p,) = opt_f.param_groups[0]["params"], opt_p.param_groups[0]["params"]
     for key, value in opt_p.state[p_p].items():
-        torch.testing.assert_close(opt_f.state[p_f][key], value, rtol=0, atol=tol * 10)
-    rows = fused.reshape(shape[0], -1).norm(dim=1)
-    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=tol)
+        torch.testing.assert_close(opt_f.state[p_f][key], value, rtol=0, atol=tol * 10 * scale)
+    rows = fused.reshape(shape[0], -1).norm(dim=1)  # each point keeps its norm
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=dtype) * 3.0
+    torch.testing.assert_close(rows, start.reshape(shape[0], -1).norm(dim=1), rtol=tol, atol=0)
+    also, _ = _trajectory(cls, shape, ndim, dtype, hyper, foreach=None, fused=False)
+    assert torch.equal(also, plain)  # fused=False is the single-tensor path too
 
 
 def _count_fused_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
-    for name in ("sgdg_foreach_", "adamg_foreach_"):
-        real = getattr(functional, name)
+    for module, name in ((sgdg, "_fused_sgdg"), (adamg, "_fused_adamg")):
+        real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             calls.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(functional, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
 
 
@@ -123,7 +127,7 @@ def test_one_fused_call_steps_every_grassmann_parameter_of_a_group(cls, monkeypa
                 p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
             opt.step()
         runs[foreach] = [p.detach().clone() for p in params + [scaled]]
-    assert calls == [("sgdg_foreach_" if cls is SGDG else "adamg_foreach_")] * 4
+    assert calls == [("_fused_sgdg" if cls is SGDG else "_fused_adamg")] * 4
     for fused, plain in zip(runs[None], runs[False], strict=True):
         tol = 1e-12 if fused.dtype == F64 else 2e-5
         torch.testing.assert_close(fused, plain, rtol=0, atol=tol)
@@ -131,10 +135,21 @@ def test_one_fused_call_steps_every_grassmann_parameter_of_a_group(cls, monkeypa
 
 def test_fused_backend_torch_equals_c(monkeypatch):
     """With the C extension forced off, the optimizer's fused path runs in pure torch."""
-    if not dispatch.c_available():
+    if _fused._crows is None:
         pytest.skip("C extension not built: the torch backend is the only one")
     hyper = dict(lr=0.2, momentum=0.9, grad_clip=0.05)
     with_c, _ = _trajectory(SGDG, (6, 10), 1, torch.float64, hyper, foreach=None)
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    monkeypatch.setenv(_fused.ENV_VAR, "torch")
     with_torch, _ = _trajectory(SGDG, (6, 10), 1, torch.float64, hyper, foreach=None)
     torch.testing.assert_close(with_c, with_torch, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
+def test_fused_true_insists_and_refuses_what_it_cannot_step(cls):
+    w = geoopt.ManifoldParameter(torch.randn(4, 6), manifold=Grassmann1())
+    cls([w], lr=0.1, fused=True)
+    half = geoopt.ManifoldParameter(torch.randn(4, 6, dtype=torch.bfloat16), Grassmann1())
+    with pytest.raises(ValueError, match="fused=True, but the fused kernels step float32"):
+        cls([half], lr=0.1, fused=True)
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        cls([w], lr=0.1, fused=True, foreach=True)

@@ -95,9 +95,9 @@ def test_half_precision_is_stepped_in_float32_and_stored_back(dtype, cls):
     for value in opts[0].state[half].values():
         if value.is_floating_point() and value.dim() > 0:
             assert value.dtype == torch.float32
-    norms = half.detach().float().norm(dim=1)
-    assert torch.allclose(norms, torch.ones(8), atol=1e-2)
-    assert (half.detach().float() - full.detach()).abs().max() < 0.05
+    norms = half.detach().float().norm(dim=1)  # each point keeps its norm (to rounding)
+    assert torch.allclose(norms, start.to(dtype).float().norm(dim=1), rtol=1e-2)
+    assert (half.detach().float() - full.detach()).abs().max() < 0.05 * norms.max()
 
 
 def test_half_precision_sphere_works_although_geoopt_eps_table_lacks_it():

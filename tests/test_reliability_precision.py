@@ -134,21 +134,31 @@ def test_half_precision_random_gradients_2000_steps_no_drift(dtype, cls):
 # ------------------------------------------------------------------------ long runs
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [SGDG, AdamG])
-def test_20000_float32_steps_keep_points_unit_and_momentum_tangent(cls):
-    """The paper's hyper-parameters (clipping on), conv-shaped points, non-unit start."""
+@pytest.mark.parametrize("start", ["unit", "non-unit"])
+def test_20000_float32_steps_keep_each_norm_and_momentum_tangent(cls, start):
+    """The paper's hyper-parameters (clipping on), conv-shaped points. Unit rows stay unit
+    to float32 rounding (they are written back at norm 1); other rows keep their norm up to
+    a slow random walk of the rounding."""
     gen = torch.Generator().manual_seed(2)
-    w = geoopt.ManifoldParameter(torch.randn(4, 2, 2, 2, generator=gen) * 5, Grassmann1(ndim=3))
+    data = torch.randn(4, 2, 2, 2, generator=gen) * 5
+    if start == "unit":
+        data = data / data.flatten(1).norm(dim=1).view(4, 1, 1, 1)
+    norms = data.flatten(1).norm(dim=1)
+    w = geoopt.ManifoldParameter(data, Grassmann1(ndim=3))
     hyper = {"lr": 0.2, "momentum": 0.9} if cls is SGDG else {"lr": 0.05}
     opt = cls([w], grad_clip=0.1, **hyper)
     steps = 20_000
     grads = torch.randn(steps, 4, 2, 2, 2, generator=gen)
-    worst_unit = worst_tangent = 0.0
+    worst_norm = worst_tangent = 0.0
     for k in range(steps):
         w.grad = grads[k]
         opt.step()
         if k % 2000 == 1999:
-            worst_unit = max(worst_unit, _unit_error(w))
+            drift = (w.detach().flatten(1).norm(dim=1) / norms - 1).abs().max().item()
+            worst_norm = max(worst_norm, drift)
             worst_tangent = max(worst_tangent, _tangent_error(w, opt.state[w][_tangent_key(opt)]))
-    print(f"{cls.__name__}: 20k steps, max |norm-1| {worst_unit:.2e}, tangent {worst_tangent:.2e}")
-    assert worst_unit <= 1e-5 and worst_tangent <= 1e-5, (worst_unit, worst_tangent)
+    drift, tangent = f"{worst_norm:.2e}", f"{worst_tangent:.2e}"
+    print(f"{cls.__name__} {start}: 20k steps, norm drift {drift}, tangent {tangent}")
+    assert worst_norm <= (1e-6 if start == "unit" else 1e-4), worst_norm
+    assert worst_tangent <= 1e-5, worst_tangent
     assert opt.param_groups[0]["step"] == steps and w.dtype == torch.float32

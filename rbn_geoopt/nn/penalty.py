@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..manifold import is_grassmann1
-from ..optim.distributed import is_dtensor
+from ..optim._distributed import is_dtensor
 from ..orthogonality import orthogonality_value
 
 __all__ = ["orthogonality_penalty"]

@@ -7,11 +7,13 @@ a NaN/Inf gradient raises ``NonFiniteGradientError`` before changing anything.
 ``orthogonality_egrad`` is the gradient that ``omega`` adds, for other optimizers to reuse.
 """
 
+from ..orthogonality import orthogonality_egrad
+from ._guard import NonFiniteGradientError
 from .adamg import AdamG
-from .checks import NonFiniteGradientError
-from .kernels import orthogonality_egrad
 from .registry import OPTIMIZERS, create
 from .sgdg import SGDG
+
+NonFiniteGradientError.__module__ = __name__
 
 __all__ = [
     "OPTIMIZERS",

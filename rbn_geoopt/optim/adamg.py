@@ -1,18 +1,32 @@
-r"""Adam-G: Adam on any geoopt manifold with one second moment per point (Cho & Lee 2017)."""
+r"""Adam-G: Adam on G(1, n) and on any geoopt manifold, with ONE second moment per point
+(Cho & Lee 2017).
+
+One algorithm, one file, laid out as ``torch/optim/adam.py``: the :class:`AdamG` optimizer
+(validates and routes), the functional :func:`adamg`, the single-tensor path
+``_single_tensor_adamg`` (the manifold's operators composed: reads like the paper, steps
+every manifold, and is the reference of the tests) and the fused path ``_fused_adamg`` (the
+per-row kernel of ``_fused/``: C in ``_fused/_crows.c`` + ``_fused/_rows_impl.h``, its torch
+twin in ``_fused/torch_twin.py``). The rule is derived in docs/design.md, "The optimizers
+SGD-G and Adam-G".
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from geoopt.manifolds.base import Manifold
 
-from .base import RiemannianOptimizer, scalar_step
-from .distributed import local, shard_like
-from .functional import adamg
-from .kernels import point_shape, working_dtype
+from ..manifold import is_grassmann1
+from . import _fused
+from ._composed import clipped_rgrad, keep_norm, store, working
+from ._distributed import local
+from ._guard import Item
+from ._validate import fused_kernel_steps
+from .base import RiemannianOptimizer
 
-__all__ = ["AdamG"]
+__all__ = ["AdamG", "adamg"]
 
 
 class AdamG(RiemannianOptimizer):
@@ -23,7 +37,7 @@ class AdamG(RiemannianOptimizer):
 
         h   = egrad2rgrad(y, g + weight_decay * y + omega-term)
         h^  = h * min(1, grad_clip / |h|_y)       # per point, only when grad_clip is set
-        m   = beta1 * m + (1 - beta1) * h^
+        m   = beta1 * proju(y, m) + (1 - beta1) * h^
         v   = beta2 * v + (1 - beta2) * |h^|_y^2
         d   = -lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / sqrt(v + eps)
         y, m = retr_transp(y, d, m)               # m carried along the step
@@ -31,7 +45,9 @@ class AdamG(RiemannianOptimizer):
     This is the paper's Adam-G: bias correction and ``eps`` sit inside the square root as
     written above (unlike ``torch.optim.Adam``, whose ``eps`` is added after it). On
     ``Grassmann1`` the retraction is the exact exponential map and the transport exact
-    parallel transport.
+    parallel transport; the new point keeps the norm of the old one (a unit row stays
+    unit; a trained, converted model keeps its outputs) and ``m`` is stored as its lift
+    there. ``lr = 0`` leaves the points bit-identical (the moments still update).
 
     A parameter's manifold is ``p.manifold`` (geoopt ``ManifoldParameter``), else the group
     key ``"manifold"``, else ``geoopt.Euclidean``. Euclidean parameters follow the group's
@@ -39,47 +55,33 @@ class AdamG(RiemannianOptimizer):
     ``eps``, ``weight_decay``; ``"sgd"`` is ``torch.optim.SGD`` with ``momentum``,
     ``dampening``, ``nesterov``, ``weight_decay``. The paper's recipe (Adam-G on G(1,n),
     Nesterov SGD with weight decay on the rest) is one optimizer and one LR scheduler.
+    Under a momentum-cycling scheduler (``OneCycleLR``, ``CyclicLR(cycle_momentum=True)``),
+    which writes ``betas[0]``, every rule of the group steps with the scheduled momentum
+    (Adam-G's and Adam's ``beta1``, SGD's ``momentum``).
 
     Args:
         params: parameters, named parameters or param groups (dicts).
         lr: learning rate (required).
         betas: ``(beta1, beta2)``, each in ``[0, 1)`` (default: the paper's ``(0.9, 0.99)``).
-        eps: inside the square root on manifolds, torch's on plain parameters (default 1e-8).
+        eps: ``> 0``, inside the square root on manifolds, torch's on plain parameters
+            (default 1e-8).
         weight_decay: L2 added to the Euclidean gradient (``g + wd * y``) on Euclidean and
             non-Grassmann1 manifold parameters; refused (ValueError) in a group that holds a
             Grassmann1 parameter, where it is projected away.
         momentum, dampening, nesterov: torch's SGD, for ``euclidean="sgd"`` groups.
-        grad_clip: ``nu``, per-point clipping in the manifold norm (None: off); does not
-            touch Euclidean parameters.
-        omega: orthogonality weight: adds the gradient of
-            ``omega/2 ||Yh Yh^T - I||_F^2`` (rows of ``Yh`` the unit points of one weight)
-            before projection. Grassmann1 parameters only: a group with ``omega > 0``
-            holding any other parameter is refused (ValueError).
+        grad_clip: ``nu`` > 0, per-point clipping in the manifold norm (None: off); does
+            not touch Euclidean parameters.
+        omega: orthogonality weight (as in :class:`~rbn_geoopt.optim.SGDG`).
         euclidean: ``"adam"`` (default) or ``"sgd"``: the rule for Euclidean parameters.
-        foreach: passed to torch's core for Euclidean parameters (None: torch's default).
-            For float32/float64 ``Grassmann1`` parameters, anything but ``False`` selects
-            the fused kernels of :mod:`rbn_geoopt.kernels` (C on CPU, pure torch elsewhere;
-            the same results to float rounding); ``False`` composes the manifold's
-            operators one by one (the straightforward reference path).
-        stabilize: every ``stabilize`` steps, ``projx`` the manifold points and ``proju``
-            their first moment (geoopt's convention; None: never).
+        foreach, fused: as in :class:`~rbn_geoopt.optim.SGDG`.
+        stabilize: every ``stabilize`` steps, ``projx`` the points of manifolds other than
+            G(1,n) and ``proju`` the first moment (geoopt's convention; None: never).
 
     State of a manifold parameter: ``step`` (scalar tensor, as torch), ``exp_avg`` (``m``,
     the parameter's shape), ``exp_avg_sq`` (``v``, shape ``(*batch, 1, ..., 1)``: one
     scalar per point). Half-precision manifold parameters are stepped in float32 and stored
-    back; their state is float32 (also after ``load_state_dict``). Plain parameters behave
-    as in torch.
-
-    Reliability: ``step`` raises :class:`~rbn_geoopt.optim.NonFiniteGradientError` (a
-    ValueError) when any gradient -- plain parameters included -- holds NaN/Inf or would
-    overflow the step, and ValueError for a zero or non-finite point, naming the parameter
-    and changing nothing (``torch.amp.GradScaler`` skips such steps before they get here).
-    ``load_state_dict`` refuses, naming the parameter, a state of other shapes, keys or
-    group layout, before loading any of it. ``lr = 0`` changes no bit of the points.
-    DistributedDataParallel needs nothing special; under FSDP2 ``fully_shard`` give the
-    manifold per param group (``{"params": ..., "manifold": Grassmann1(ndim=3)}``): each
-    rank steps its rows, the ``omega`` term is computed on the all-gathered weight, and the
-    state is sharded like the parameter (``torch.distributed.checkpoint`` saves it).
+    back; their state is float32 (also after ``load_state_dict``). Reliability: as
+    :class:`~rbn_geoopt.optim.SGDG`.
 
     Example:
         >>> import geoopt, torch
@@ -94,7 +96,7 @@ class AdamG(RiemannianOptimizer):
         torch.Size([4, 1])
     """
 
-    _tangent_state = ("exp_avg",)
+    state_spec = {"step": "scalar", "exp_avg": "param", "exp_avg_sq": "point"}
 
     def __init__(
         self,
@@ -111,10 +113,10 @@ class AdamG(RiemannianOptimizer):
         omega: float = 0.0,
         euclidean: str = "adam",
         foreach: bool | None = None,
+        fused: bool | None = None,
         stabilize: int | None = None,
     ) -> None:
-        super().__init__(
-            params,
+        defaults = dict(
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -126,45 +128,150 @@ class AdamG(RiemannianOptimizer):
             omega=omega,
             euclidean=euclidean,
             foreach=foreach,
+            fused=fused,
             stabilize=stabilize,
         )
+        super().__init__(params, defaults)
 
-    def _manifold_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        manifolds: list[Manifold],
-    ) -> None:
-        points, grads = self._local_inputs(group, params, grads, manifolds)
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for param, point, manifold in zip(params, points, manifolds, strict=True):
-            state = self.state[param]
-            if "exp_avg" not in state:
-                dtype = working_dtype(param.dtype)
-                state["step"] = scalar_step()
-                state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
-                zeros = torch.zeros(
-                    point_shape(point.shape, manifold), dtype=dtype, device=point.device
-                )
-                state["exp_avg_sq"] = shard_like(param, zeros, point_shape(param.shape, manifold))
-            exp_avgs.append(local(state["exp_avg"]))
-            exp_avg_sqs.append(local(state["exp_avg_sq"]))
-            steps.append(state["step"])
+    def _step_manifold(self, group: dict[str, Any], items: list[Item], choice: str) -> None:
+        states = []
+        for item in items:
+            state = self.state[item.param]
+            states.append(
+                state if "exp_avg" in state else self._init_state(item.param, item.manifold)
+            )
         beta1, beta2 = group["betas"]
         adamg(
-            points,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            manifolds,
+            [local(item.param) for item in items],
+            self._gradients(group, items),
+            [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states],
+            [s["step"] for s in states],
+            [item.manifold for item in items],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             grad_clip=group["grad_clip"],
-            omega=0.0,  # added by _local_inputs
-            fused=group["foreach"] is not False,
+            fused=self._fused(group),
+            choice=choice,
         )
+
+
+def adamg(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    manifolds: list[Manifold],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = None,
+    fused: bool = True,
+    choice: str = "auto",
+) -> None:
+    """Adam-G on manifold parameters, in place (the functional core of :class:`AdamG`).
+
+    ``exp_avgs[i]``: the tangent first moment of ``params[i]``; ``exp_avg_sqs[i]``: one
+    second moment per point (keepdim shape); ``state_steps[i]``: a scalar tensor step
+    counter, incremented here. With ``fused``, float32/float64 ``Grassmann1`` parameters
+    take the fused kernel (``choice``: its backend); everything else the single-tensor
+    path. Inputs are trusted: :class:`AdamG` has validated them.
+    """
+    step_sizes = []
+    for step_t in state_steps:
+        step_t += 1
+        step = step_t.item()
+        step_sizes.append(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step))
+    single, batch = [], []
+    for i, (param, manifold) in enumerate(zip(params, manifolds, strict=True)):
+        (batch if fused and fused_kernel_steps(param, manifold) else single).append(i)
+    if batch:
+        _fused_adamg(
+            *([lst[i] for i in batch] for lst in (params, grads, exp_avgs, exp_avg_sqs)),
+            [step_sizes[i] for i in batch],
+            [manifolds[i] for i in batch],
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            grad_clip=grad_clip,
+            choice=choice,
+        )
+    for i in single:
+        _single_tensor_adamg(
+            params[i],
+            grads[i],
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            manifolds[i],
+            step_size=step_sizes[i],
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+        )
+
+
+def _single_tensor_adamg(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    manifold: Manifold,
+    *,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip: float | None,
+) -> None:
+    """The paper's Adam-G step composed from ``manifold``'s operators (see :class:`AdamG`);
+    ``step_size = lr sqrt(1 - beta2^t) / (1 - beta1^t)``."""
+    y = working(param)
+    h = clipped_rgrad(manifold, y, grad, weight_decay, grad_clip)
+    if is_grassmann1(manifold):
+        exp_avg.copy_(manifold.proju(y, exp_avg))
+    exp_avg.mul_(beta1).add_(h, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).add_(manifold.inner(y, h, keepdim=True), alpha=1 - beta2)
+    d = exp_avg * (-step_size) / (exp_avg_sq + eps).sqrt()
+    new_y, new_m = manifold.retr_transp(y, d, exp_avg)
+    new_y, new_m = keep_norm(manifold, y, d, new_y, new_m, param.dtype)
+    exp_avg.copy_(store(manifold, param, new_y, new_m))
+
+
+def _fused_adamg(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step_sizes: list[float],
+    manifolds: list[Manifold],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    grad_clip: float | None,
+    choice: str,
+) -> None:
+    """Every parameter in one call of the fused per-row kernel (module docstring)."""
+    _fused.adamg_(
+        params,
+        [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads, strict=True)],
+        exp_avgs,
+        exp_avg_sqs,
+        [math.prod(p.shape[p.dim() - m.ndim :]) for p, m in zip(params, manifolds, strict=True)],
+        step_sizes,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        nu=math.inf if grad_clip is None else grad_clip,
+        choice=choice,
+    )

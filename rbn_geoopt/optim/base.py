@@ -1,58 +1,96 @@
-"""The machinery SGDG and AdamG share: param groups, the step loop, state, stabilize.
+r"""What SGDG and AdamG share: param groups, the step loop, the declared state, stabilize.
 
-A step walks the param groups; in each, the parameters whose manifold is
-``geoopt.Euclidean`` follow torch's own rule named by the group key ``euclidean``
-(``"sgd"`` -> ``torch.optim.SGD``, ``"adam"`` -> ``torch.optim.Adam``, bit for bit), and the
-others follow the subclass's Riemannian rule (``_manifold_step``). State layout per
-parameter uses torch's keys: ``momentum_buffer`` (SGD, SGD-G), ``step`` / ``exp_avg`` /
-``exp_avg_sq`` (Adam, Adam-G).
+A step (docs/design.md, "How a step flows"): refuse under ``torch.compile`` -> closure ->
+collect the parameters with a gradient -> the step guard (:mod:`._guard`: one read of
+every point and gradient; raises before anything changes) -> per group, plain parameters
+by torch's own rule (the group key ``euclidean``: ``"sgd"`` -> ``torch.optim.SGD``,
+``"adam"`` -> ``torch.optim.Adam``, through torch's functional cores, bit for bit) and
+manifold parameters by the subclass's ``_step_manifold`` -> ``stabilize`` every
+``stabilize`` steps.
 
-Reliability (see :mod:`.checks`, :mod:`.checkpoint`, :mod:`.distributed`): a step first
-checks every gradient and point and raises before changing anything when one would give a
-NaN parameter; ``load_state_dict`` checks the whole state (group sizes, hyper-parameters,
-keys, shapes, finiteness) before loading any of it; DTensor (FSDP2) parameters are stepped
-on their local shards, with state sharded alike.
+Each optimizer DECLARES the state it keeps per manifold parameter in ``state_spec``
+(key -> ``PARAM``: a tensor of the parameter's shape, a tangent vector; ``POINT``: one
+scalar per point, shape ``(*batch, 1, ..., 1)``; ``SCALAR``: a step counter); plain
+parameters keep torch's keys (``EUCLIDEAN_STATE``). :meth:`RiemannianOptimizer.expected_state`
+reads the declaration for state initialisation and checkpoint validation alike, so a
+subclass saves and reloads its own checkpoints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from geoopt import Euclidean
 from geoopt.manifolds.base import Manifold
 from geoopt.optim.mixin import OptimMixin
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
 
-from .checkpoint import validate_state_dict
-from .checks import StepItem, check_step_inputs
-from .distributed import gathered, is_dtensor, local, replicated_rows
-from .functional import euclidean_adam, euclidean_sgd
-from .groups import manifold_of, param_label, validate_group
-from .kernels import (
-    LOW_PRECISION,
-    is_euclidean,
-    is_grassmann1,
-    orthogonality_egrad,
-    working_dtype,
+from ..manifold import is_grassmann1
+from ..orthogonality import orthogonality_egrad
+from . import _fused
+from ._checkpoint import validate_state_dict
+from ._distributed import gathered, local, replicated_rows, shard_like
+from ._guard import Item, check_step
+from ._validate import manifold_of, param_label, validate_group
+
+__all__ = [
+    "EUCLIDEAN_STATE",
+    "PARAM",
+    "POINT",
+    "SCALAR",
+    "RiemannianOptimizer",
+    "point_shape",
+    "sgd_momentum",
+    "working_dtype",
+]
+
+#: kinds of declared state: a tensor of the parameter's shape, one scalar per point, a step
+PARAM, POINT, SCALAR = "param", "point", "scalar"
+#: the state torch's SGD and Adam keep for a plain parameter, by the group key ``euclidean``
+EUCLIDEAN_STATE = {
+    "sgd": {"momentum_buffer": PARAM},
+    "adam": {"step": SCALAR, "exp_avg": PARAM, "exp_avg_sq": PARAM},
+}
+#: parameter dtypes whose manifold math runs in float32 (and whose state is float32)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+_COMPILE_ERROR = (
+    "{}.step() cannot be compiled: under torch.compile / dynamo the manifold parameters lose "
+    "their geoopt class and would be stepped as plain tensors. Nothing was changed. Compile "
+    "the model (torch.compile(model)) and call opt.step() eagerly, outside the compiled "
+    "function (e.g. with torch.compiler.disable)."
 )
 
-__all__ = ["RiemannianOptimizer", "scalar_step"]
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the manifold math runs in: float32 for half precision, else ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
-Stepped = dict[int, tuple[torch.Tensor, tuple[int, int]]]
+def point_shape(shape: torch.Size, manifold: Manifold) -> tuple[int, ...]:
+    """Shape of a per-point scalar with the point dims kept: ``(*batch, 1, ..., 1)``.
+
+    >>> from rbn_geoopt import Grassmann1
+    >>> point_shape(torch.Size([16, 3, 3, 3]), Grassmann1(ndim=3))
+    (16, 1, 1, 1)
+    """
+    ndim = manifold.ndim or 0
+    return tuple(shape[: len(shape) - ndim]) + (1,) * ndim
 
 
-def _write_mark(param: torch.Tensor) -> tuple[int, int]:
-    """What an in-place write or a ``.data`` replacement changes: version, data pointer."""
-    return param._version, param.data_ptr()
+def sgd_momentum(group: dict[str, Any]) -> float:
+    """The momentum of a group's SGD-type rules (SGD-G's ``gamma``, torch SGD's momentum).
 
-
-def _record_stepped(stepped: Stepped, items: list[StepItem]) -> None:
-    """Remember the G(1,n) parameters a step has just written (see ``_collect``)."""
-    for item in items:
-        param = item.param
-        if is_grassmann1(item.manifold) and not is_dtensor(param):
-            stepped[id(param)] = (param, _write_mark(param))
+    ``group["momentum"]``, unless a momentum-cycling LR scheduler drives the group
+    (``OneCycleLR``, ``CyclicLR(cycle_momentum=True)``: they add ``max_momentum`` to it).
+    Since SGDG and AdamG declare ``betas``, torch's schedulers write the scheduled momentum
+    into ``betas[0]``; every rule of the group then steps with it, as ``torch.optim.SGD``
+    and ``torch.optim.Adam`` would under the same scheduler.
+    """
+    return group["betas"][0] if "max_momentum" in group else group["momentum"]
 
 
 def scalar_step() -> torch.Tensor:
@@ -64,43 +102,15 @@ def scalar_step() -> torch.Tensor:
 class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
     """Base of :class:`~rbn_geoopt.optim.SGDG` and :class:`~rbn_geoopt.optim.AdamG`.
 
-    Subclasses implement ``_manifold_step(group, params, grads, manifolds)`` and name the
-    state keys that hold tangent vectors in ``_tangent_state`` (re-projected by stabilize).
+    Subclasses declare ``state_spec`` and implement ``_step_manifold(group, items, choice)``
+    (the manifold parameters of one group that have a gradient; ``choice`` the kernel
+    backend of this step).
     """
 
-    _tangent_state: tuple[str, ...] = ()
+    state_spec: ClassVar[dict[str, str]] = {}
 
-    def __init__(
-        self,
-        params: Any,
-        *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
-        betas: tuple[float, float],
-        eps: float,
-        grad_clip: float | None,
-        omega: float,
-        euclidean: str,
-        foreach: bool | None,
-        stabilize: int | None,
-    ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "betas": betas,
-            "eps": eps,
-            "grad_clip": grad_clip,
-            "omega": omega,
-            "euclidean": euclidean,
-            "foreach": foreach,
-        }
-        super().__init__(params, defaults, stabilize=stabilize)
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults, stabilize=defaults["stabilize"])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -115,9 +125,8 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_stabilize", None)
+        self._stabilize = self.defaults.get("stabilize")
         for group in self.param_groups:
-            group.setdefault("stabilize", self._stabilize)
             for key, value in self.defaults.items():
                 # torch's __setstate__ adds defaults["differentiable"]: not a key of ours,
                 # kept out of the groups so a resumed state_dict equals the original's
@@ -125,6 +134,33 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                     group.setdefault(key, value)
 
     # ------------------------------------------------------------------- state
+    def expected_state(
+        self, param: torch.Tensor, manifold: Manifold, group: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """State key -> shape that this optimizer keeps for ``param`` (module docstring)."""
+        if isinstance(manifold, Euclidean):
+            spec = EUCLIDEAN_STATE[group["euclidean"]]
+        else:
+            spec = self.state_spec
+        shapes = {PARAM: tuple(param.shape), POINT: point_shape(param.shape, manifold)}
+        return {key: shapes.get(kind, ()) for key, kind in spec.items()}
+
+    def _init_state(self, param: torch.Tensor, manifold: Manifold) -> dict[str, Any]:
+        """Zero state of a manifold parameter, as declared (float32 for half precision;
+        a DTensor parameter's state is sharded like it)."""
+        state = self.state[param]
+        point = local(param)
+        dtype = working_dtype(param.dtype)
+        for key, kind in self.state_spec.items():
+            if kind == SCALAR:
+                state[key] = scalar_step()
+                continue
+            full = tuple(param.shape) if kind == PARAM else point_shape(param.shape, manifold)
+            shape = point.shape if kind == PARAM else point_shape(point.shape, manifold)
+            zeros = torch.zeros(shape, dtype=dtype, device=point.device)
+            state[key] = shard_like(param, zeros, full)
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict`` without the groups' ``manifold`` objects.
 
@@ -138,15 +174,17 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``, keeping the groups' ``manifold`` keys and float32 state.
+        """torch's ``load_state_dict``, checked first, keeping the groups' ``manifold`` keys.
 
-        The whole ``state_dict`` is checked first (:func:`.checkpoint.validate_state_dict`:
-        group sizes, hyper-parameters, state keys and shapes per parameter, finite values);
-        on a mismatch a ValueError names the parameter and nothing is loaded. torch casts
-        floating state to the parameter's dtype; the float32 state of a half-precision
-        manifold parameter is restored from ``state_dict`` unrounded.
+        The whole ``state_dict`` is checked before anything is loaded
+        (:mod:`._checkpoint`: group sizes, hyper-parameters, the declared state keys and
+        shapes per parameter, finite values); on a mismatch a ValueError names the
+        parameter. A ``step`` saved as a number is loaded as a tensor. torch casts floating
+        state to the parameter's dtype; the float32 state of a half-precision manifold
+        parameter is restored unrounded.
         """
         validate_state_dict(self, state_dict)
+        state_dict = {**state_dict, "state": _steps_as_tensors(state_dict["state"])}
         manifolds = [group.get("manifold") for group in self.param_groups]
         super().load_state_dict(state_dict)
         for index, (group, manifold) in enumerate(zip(self.param_groups, manifolds, strict=True)):
@@ -162,7 +200,7 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
             for param, saved_id in zip(group["params"], saved["params"], strict=True):
                 if param.dtype not in LOW_PRECISION or saved_id not in saved_state:
                     continue
-                if is_euclidean(manifold_of(param, group)):
+                if isinstance(manifold_of(param, group), Euclidean):
                     continue
                 for key, value in saved_state[saved_id].items():
                     if key != "step" and torch.is_tensor(value) and value.is_floating_point():
@@ -173,167 +211,153 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step for every parameter that has a gradient.
+        """One step for every parameter that has a gradient; returns ``closure()``'s loss.
 
-        ``closure`` (optional) re-evaluates the model under ``torch.enable_grad()`` and
-        returns the loss, which ``step`` returns. Before anything changes, every gradient
-        and point is checked (:mod:`.checks`): a NaN/Inf gradient raises
-        :class:`~rbn_geoopt.optim.NonFiniteGradientError`, a zero or non-finite point of
-        G(1,n) a ValueError, both naming the parameter.
+        ``closure`` (optional) re-evaluates the model under ``torch.enable_grad()``. Before
+        anything changes, every gradient and point is checked (:mod:`._guard`): a NaN/Inf
+        gradient raises :class:`~rbn_geoopt.optim.NonFiniteGradientError`, a point that
+        cannot be stepped a ValueError, both naming the parameter (and the row).
         """
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_COMPILE_ERROR.format(type(self).__name__))
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
-        check_step_inputs(type(self).__name__, [item for items in work for item in items])
-        stepped: Stepped = {}
-        for group, items in zip(self.param_groups, work, strict=True):
-            plain, curved = [], []
-            for item in items:
-                (plain if is_euclidean(item.manifold) else curved).append(item)
+        choice = _fused.backend()
+        work = []
+        for index, group in enumerate(self.param_groups):
+            items = []
+            for j, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is not None:
+                    if grad.is_sparse:
+                        raise TypeError(
+                            f"{type(self).__name__}: {param_label(group, index, j)} has a "
+                            "sparse gradient; sparse gradients are not supported"
+                        )
+                    items.append(Item(param, grad, manifold_of(param, group), j))
+            work.append((index, group, items))
+        check_step(type(self).__name__, work, choice)
+        for _, group, items in work:
+            plain = [item for item in items if isinstance(item.manifold, Euclidean)]
             if plain:
-                self._euclidean_step(
-                    group, [item.param for item in plain], [item.grad for item in plain]
-                )
-            if curved:
-                self._manifold_step(
-                    group,
-                    [item.param for item in curved],
-                    [item.grad for item in curved],
-                    [item.manifold for item in curved],
-                )
-                if group["lr"] != 0:  # (lr = 0 leaves the points as they were)
-                    _record_stepped(stepped, curved)
+                self._step_euclidean(group, plain)
+            if len(plain) < len(items):
+                curved = [item for item in items if not isinstance(item.manifold, Euclidean)]
+                self._step_manifold(group, curved, choice)
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
-        self._stepped_versions = stepped
         return loss
 
-    def _collect(self, index: int, group: dict[str, Any]) -> list[StepItem]:
-        """The group's parameters that have a gradient, with their manifolds.
+    def _step_manifold(self, group: dict[str, Any], items: list[Item], choice: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _step_manifold")
 
-        ``trusted``: the parameter holds the unit points that the last step of this
-        optimizer wrote -- it was stepped then (``_stepped_versions`` maps ``id(param)`` to
-        the parameter, its autograd version and its data pointer right after that step)
-        and nobody has modified it in place or replaced its ``.data`` since. The step guard
-        then reads only its gradient (:mod:`.checks`). Writes through ``param.data`` are not
-        counted by autograd: a zero or non-finite row they leave is still caught by the
-        kernel, which leaves that row untouched and raises. DTensor parameters are never
-        recorded (their local shards are written, not the DTensor itself), nor are steps
-        with ``lr = 0``, which write nothing.
-        """
-        stepped = getattr(self, "_stepped_versions", {})
-        items = []
-        for j, param in enumerate(group["params"]):
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise TypeError(
-                    f"{type(self).__name__}: {param_label(group, index, j)} has a sparse "
-                    "gradient; sparse gradients are not supported"
-                )
-            manifold = manifold_of(param, group)
-            last = stepped.get(id(param))
-            trusted = last is not None and last[0] is param and last[1] == _write_mark(param)
-            items.append(StepItem(group, index, j, param, param.grad, manifold, trusted))
-        return items
-
-    def _local_inputs(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        manifolds: list[Manifold],
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Rank-local views of the points, and the gradients to step them with.
-
-        With ``omega > 0`` the gradient of the orthogonality term is added here (so the
-        functional cores get ``omega=0``): computed on the whole weight, all-gathered for a
-        DTensor parameter, and cut back to this rank's rows. For a plain tensor this is
-        exactly what ``riemannian_grad`` computes.
-        """
-        points = [local(p) for p in params]
+    def _gradients(self, group: dict[str, Any], items: list[Item]) -> list[torch.Tensor]:
+        """The rank-local gradients a manifold step uses: with ``omega > 0`` plus the
+        orthogonality term, computed on the whole weight (all-gathered for a DTensor) in
+        the working dtype and cut back to this rank's rows."""
         omega = group["omega"]
         if omega == 0:
-            return points, [local(g) for g in grads]
+            return [local(item.grad) for item in items]
         out = []
-        for param, grad, manifold in zip(params, grads, manifolds, strict=True):
-            dtype = working_dtype(param.dtype)
-            full = gathered(param).to(dtype)
-            term = replicated_rows(param, orthogonality_egrad(full, manifold.ndim, omega))
-            out.append(local(grad).to(dtype) + term)
-        return points, out
+        for item in items:
+            dtype = working_dtype(item.param.dtype)
+            full = gathered(item.param).to(dtype)
+            term = orthogonality_egrad(full, item.manifold.ndim, omega)
+            out.append(local(item.grad).to(dtype) + replicated_rows(item.param, term))
+        return out
 
-    def _euclidean_step(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
-    ) -> None:
+    def _fused(self, group: dict[str, Any]) -> bool:
+        """Whether the group's float32/float64 Grassmann1 parameters take the fused kernels:
+        ``fused=True``, or neither switch set to False (torch's ``foreach=False`` is its
+        single-tensor path)."""
+        return group["fused"] is not False and (group["fused"] or group["foreach"] is not False)
+
+    def _step_euclidean(self, group: dict[str, Any], items: list[Item]) -> None:
         """Plain parameters: ``torch.optim.SGD`` or ``torch.optim.Adam`` exactly."""
+        params = [item.param for item in items]
+        grads = [item.grad for item in items]
         if group["euclidean"] == "sgd":
-            momentum = group["momentum"]
+            momentum = sgd_momentum(group)
             buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum else []
-            euclidean_sgd(
+            _torch_sgd(
                 params,
                 grads,
                 buffers,
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
+                has_sparse_grad=False,
                 foreach=group["foreach"],
+                fused=None,
+                weight_decay=group["weight_decay"],
+                momentum=momentum,
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=False,
             )
             for param, buffer in zip(params if momentum else [], buffers, strict=True):
                 self.state[param]["momentum_buffer"] = buffer
             return
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for param in params:
-            state = self.state[param]
+        states = [self.state[p] for p in params]
+        for param, state in zip(params, states, strict=True):
             if "exp_avg" not in state:
                 state["step"] = scalar_step()
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
         beta1, beta2 = group["betas"]
-        euclidean_adam(
+        _torch_adam(
             params,
             grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
-            lr=group["lr"],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=False,
+            amsgrad=False,
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
+            lr=group["lr"],
             weight_decay=group["weight_decay"],
-            foreach=group["foreach"],
+            eps=group["eps"],
+            maximize=False,
         )
-
-    def _manifold_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        manifolds: list[Manifold],
-    ) -> None:
-        raise NotImplementedError
 
     # --------------------------------------------------------------- stabilize
     @torch.no_grad()
     def stabilize_group(self, group: dict[str, Any]) -> None:
-        """geoopt's stabilize: ``projx`` the manifold points, ``proju`` their tangent state."""
+        """geoopt's stabilize: ``projx`` the manifold points (not on G(1,n), where every
+        non-zero vector is a point and the steps keep each point's norm) and ``proju`` the
+        declared tangent state at them."""
+        tangent = [key for key, kind in self.state_spec.items() if kind == PARAM]
         for param in group["params"]:
             manifold = manifold_of(param, group)
-            if is_euclidean(manifold):
+            if isinstance(manifold, Euclidean):
                 continue
             point = local(param)
-            y = manifold.projx(point.to(working_dtype(param.dtype)))
-            point.copy_(y)
+            y = point.to(working_dtype(param.dtype))
+            if not is_grassmann1(manifold):
+                y = manifold.projx(y)
+                point.copy_(y)
             state = self.state.get(param, {})
-            for key in self._tangent_state:
+            for key in tangent:
                 if key in state:
                     buffer = local(state[key])
                     buffer.copy_(manifold.proju(y, buffer))
+
+
+def _steps_as_tensors(state: dict[Any, Any]) -> dict[Any, Any]:
+    """``state`` with every ``step`` saved as a number turned into a tensor (older torch
+    checkpoints), as ``torch.optim.Adam`` loads it."""
+    out = {}
+    for key, entry in state.items():
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if step is not None and not torch.is_tensor(step):
+            entry = {**entry, "step": scalar_step().fill_(float(step))}
+        out[key] = entry
+    return out

@@ -1,17 +1,31 @@
-r"""SGD-G: momentum SGD on any geoopt manifold (Cho & Lee 2017, Algorithm 1)."""
+r"""SGD-G: momentum SGD on G(1, n) and on any geoopt manifold (Cho & Lee 2017, Algorithm 1).
+
+One algorithm, one file, laid out as ``torch/optim/sgd.py``: the :class:`SGDG` optimizer
+(validates and routes), the functional :func:`sgdg`, the single-tensor path
+``_single_tensor_sgdg`` (the manifold's operators composed: reads like the paper, steps
+every manifold, and is the reference of the tests) and the fused path ``_fused_sgdg`` (the
+per-row kernel of ``_fused/``: C in ``_fused/_crows.c`` + ``_fused/_rows_impl.h``, its torch
+twin in ``_fused/torch_twin.py``). The rule is derived in docs/design.md, "The optimizers
+SGD-G and Adam-G".
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from geoopt.manifolds.base import Manifold
 
-from .base import RiemannianOptimizer
-from .distributed import local, shard_like
-from .functional import sgdg
+from ..manifold import is_grassmann1
+from . import _fused
+from ._composed import clipped_rgrad, keep_norm, store, working
+from ._distributed import local
+from ._guard import Item
+from ._validate import fused_kernel_steps
+from .base import RiemannianOptimizer, sgd_momentum
 
-__all__ = ["SGDG"]
+__all__ = ["SGDG", "sgdg"]
 
 
 class SGDG(RiemannianOptimizer):
@@ -22,23 +36,29 @@ class SGDG(RiemannianOptimizer):
 
         h   = egrad2rgrad(y, g + weight_decay * y + omega-term)
         h^  = h * min(1, grad_clip / |h|_y)       # per point, only when grad_clip is set
-        d   = momentum * tau - lr * h^
+        d   = momentum * proju(y, tau) - lr * h^
         y, tau = retr_transp(y, d, d)             # tau <- d carried along the step
 
     On ``Grassmann1`` the retraction is the exact exponential map and the transport exact
-    parallel transport, so this is the paper's SGD-G. This is the paper's heavy-ball form:
-    ``tau`` holds the last step ``d`` (so it already contains the learning rate; after an LR
-    drop the old rate lives on in ``tau``, as in the paper). ``nesterov`` and ``dampening``
-    act on Euclidean parameters only. The first step with momentum is ``-lr * h^``: the
-    buffer starts from the projected (Riemannian) gradient, unlike geoopt's RiemannianSGD,
-    which stores the raw Euclidean gradient.
+    parallel transport, so this is the paper's SGD-G; the new point keeps the norm of the
+    old one (a unit row stays unit; a trained, converted model keeps its outputs) and
+    ``tau`` is stored as its lift there, re-projected onto the horizontal space at every
+    step. This is the paper's heavy-ball form: ``tau`` holds the last step ``d``, so after
+    an LR drop the old rate lives on in ``tau``, and ``lr = 0`` does not freeze a point
+    whose ``tau`` is non-zero (unlike ``torch.optim.SGD``): it keeps moving by
+    ``momentum^k * tau``. A step with ``d = 0`` leaves the point bit-identical.
+    ``nesterov`` and ``dampening`` act on Euclidean parameters only. The first step with
+    momentum is ``-lr * h^`` (unlike geoopt's RiemannianSGD, whose buffer starts as the raw
+    Euclidean gradient).
 
     A parameter's manifold is ``p.manifold`` (geoopt ``ManifoldParameter``), else the group
     key ``"manifold"``, else ``geoopt.Euclidean``. Euclidean parameters follow the group's
     ``euclidean`` rule exactly: ``"sgd"`` (default) is ``torch.optim.SGD`` with ``momentum``,
     ``dampening``, ``nesterov``, ``weight_decay``; ``"adam"`` is ``torch.optim.Adam`` with
-    ``betas``, ``eps``, ``weight_decay``. One optimizer, with different groups, therefore
-    runs the paper's recipe and is driven by one LR scheduler.
+    ``betas``, ``eps``, ``weight_decay``. One optimizer with several groups therefore runs
+    the paper's recipe and is driven by one LR scheduler. Under a momentum-cycling scheduler
+    (``OneCycleLR``, ``CyclicLR(cycle_momentum=True)``), which writes ``betas[0]``, every
+    rule of the group steps with the scheduled momentum.
 
     Args:
         params: parameters, named parameters or param groups (dicts).
@@ -49,51 +69,53 @@ class SGDG(RiemannianOptimizer):
             non-Grassmann1 manifold parameters; refused (ValueError) in a group that holds a
             Grassmann1 parameter, where it is projected away.
         nesterov: torch's Nesterov momentum, Euclidean parameters only.
-        betas, eps: used by ``euclidean="adam"`` groups (default ``(0.9, 0.99)``, 1e-8).
-        grad_clip: ``nu``, per-point clipping in the manifold norm (None: off); does not
-            touch Euclidean parameters.
-        omega: orthogonality weight: adds the gradient of
-            ``omega/2 ||Yh Yh^T - I||_F^2`` (rows of ``Yh`` the unit points of one weight)
+        betas, eps: used by ``euclidean="adam"`` groups (default ``(0.9, 0.99)``, 1e-8;
+            ``eps > 0``).
+        grad_clip: ``nu`` > 0, per-point clipping in the manifold norm (None: off); does
+            not touch Euclidean parameters.
+        omega: orthogonality weight: adds the gradient of ``omega/2 ||Yh Yh^T - I||_F^2``
+            (rows of ``Yh`` the unit points of one weight, :mod:`rbn_geoopt.orthogonality`)
             before projection. Grassmann1 parameters only: a group with ``omega > 0``
             holding any other parameter is refused (ValueError).
         euclidean: ``"sgd"`` (default) or ``"adam"``: the rule for Euclidean parameters.
-        foreach: passed to torch's core for Euclidean parameters (None: torch's default).
-            For float32/float64 ``Grassmann1`` parameters, anything but ``False`` selects
-            the fused kernels of :mod:`rbn_geoopt.kernels` (C on CPU, pure torch elsewhere;
-            the same results to float rounding); ``False`` composes the manifold's
-            operators one by one (the straightforward reference path).
-        stabilize: every ``stabilize`` steps, ``projx`` the manifold points and ``proju``
-            their momentum (geoopt's convention; None: never).
+        foreach: torch's switch for Euclidean parameters (None: torch's default);
+            ``False`` also selects the single-tensor path for manifold parameters.
+        fused: the fused kernel for float32/float64 ``Grassmann1`` parameters (C on CPU,
+            its torch twin elsewhere): None (default) uses it unless ``foreach=False``;
+            ``True`` insists (ValueError for a parameter it cannot step); ``False`` steps
+            every manifold parameter by the single-tensor path. The results agree to float
+            rounding.
+        stabilize: every ``stabilize`` steps, ``projx`` the points of manifolds other than
+            G(1,n) and ``proju`` the momentum (geoopt's convention; None: never).
 
     State: ``momentum_buffer`` (``tau`` for manifold parameters, torch's buffer for plain
     ones). Half-precision manifold parameters are stepped in float32 and stored back; their
-    state is float32 (also after ``load_state_dict``). Plain parameters behave as in torch.
+    state is float32 (also after ``load_state_dict``).
 
-    Reliability: ``step`` raises :class:`~rbn_geoopt.optim.NonFiniteGradientError` (a
-    ValueError) when any gradient -- plain parameters included -- holds NaN/Inf or would
-    overflow the step, and ValueError for a zero or non-finite point, naming the parameter
-    and changing nothing (``torch.amp.GradScaler`` skips such steps before they get here).
-    ``load_state_dict`` refuses, naming the parameter, a state of other shapes, keys or
-    group layout, before loading any of it. ``lr = 0`` changes no bit of the points.
-    DistributedDataParallel needs nothing special; under FSDP2 ``fully_shard`` give the
-    manifold per param group (``{"params": ..., "manifold": Grassmann1(ndim=3)}``): each
-    rank steps its rows, the ``omega`` term is computed on the all-gathered weight, and the
-    state is sharded like the parameter (``torch.distributed.checkpoint`` saves it).
+    Reliability (docs/design.md, "Reliability contract"): before anything changes, ``step``
+    reads every point and gradient and raises
+    :class:`~rbn_geoopt.optim.NonFiniteGradientError` (a ValueError) for a NaN/Inf or
+    overflowing gradient, ValueError for a point that cannot be stepped, naming the
+    parameter, the row and the cause; ``load_state_dict`` checks the whole state first;
+    ``torch.compile(opt.step)`` is refused. DistributedDataParallel needs nothing special;
+    under FSDP2 ``fully_shard`` give the manifold per param group
+    (``{"params": ..., "manifold": Grassmann1(ndim=3)}``).
 
     Example:
         >>> import geoopt, torch
         >>> from rbn_geoopt import Grassmann1
         >>> w = geoopt.ManifoldParameter(torch.randn(4, 8), manifold=Grassmann1())
         >>> b = torch.nn.Parameter(torch.zeros(4))
+        >>> norms = w.norm(dim=1)
         >>> opt = SGDG([{"params": [w], "lr": 0.2, "grad_clip": 0.1},
         ...             {"params": [b], "weight_decay": 5e-4, "nesterov": True}],
         ...            lr=0.01, momentum=0.9)
         >>> ((w @ torch.randn(8)).sum() + b.sum()).backward(); opt.step()
-        >>> torch.allclose(w.norm(dim=1), torch.ones(4))
+        >>> torch.allclose(w.norm(dim=1), norms)
         True
     """
 
-    _tangent_state = ("momentum_buffer",)
+    state_spec = {"momentum_buffer": "param"}
 
     def __init__(
         self,
@@ -110,10 +132,10 @@ class SGDG(RiemannianOptimizer):
         omega: float = 0.0,
         euclidean: str = "sgd",
         foreach: bool | None = None,
+        fused: bool | None = None,
         stabilize: int | None = None,
     ) -> None:
-        super().__init__(
-            params,
+        defaults = dict(
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -125,33 +147,131 @@ class SGDG(RiemannianOptimizer):
             omega=omega,
             euclidean=euclidean,
             foreach=foreach,
+            fused=fused,
             stabilize=stabilize,
         )
+        super().__init__(params, defaults)
 
-    def _manifold_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        manifolds: list[Manifold],
-    ) -> None:
-        momentum = group["momentum"]
-        points, grads = self._local_inputs(group, params, grads, manifolds)
-        states = [self.state.get(p, {}).get("momentum_buffer") for p in params]
-        buffers = [None if b is None else local(b) for b in states]
+    def _step_manifold(self, group: dict[str, Any], items: list[Item], choice: str) -> None:
+        momentum = sgd_momentum(group)
+        buffers = None
+        if momentum != 0:
+            buffers = []
+            for item in items:
+                state = self.state[item.param]
+                if state.get("momentum_buffer") is None:
+                    state = self._init_state(item.param, item.manifold)
+                buffers.append(local(state["momentum_buffer"]))
         sgdg(
-            points,
-            grads,
+            [local(item.param) for item in items],
+            self._gradients(group, items),
             buffers,
-            manifolds,
+            [item.manifold for item in items],
             lr=group["lr"],
             momentum=momentum,
             weight_decay=group["weight_decay"],
             grad_clip=group["grad_clip"],
-            omega=0.0,  # added by _local_inputs
-            fused=group["foreach"] is not False,
+            fused=self._fused(group),
+            choice=choice,
         )
-        if momentum != 0:
-            for param, saved, buffer in zip(params, states, buffers, strict=True):
-                if saved is None:  # a new buffer: sharded like the parameter
-                    self.state[param]["momentum_buffer"] = shard_like(param, buffer)
+
+
+def sgdg(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    manifolds: list[Manifold],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = None,
+    fused: bool = True,
+    choice: str = "auto",
+) -> None:
+    """SGD-G on manifold parameters, in place (the functional core of :class:`SGDG`).
+
+    ``momentum_buffers[i]``: the momentum ``tau`` of ``params[i]`` (zeros before its first
+    step), or None for the whole list when ``momentum == 0``. With ``fused``, float32/
+    float64 ``Grassmann1`` parameters take the fused kernel (``choice``: its backend,
+    ``"auto"``, ``"c"`` or ``"torch"``); everything else the single-tensor path. Inputs
+    are trusted: :class:`SGDG` has validated them.
+    """
+    taus = momentum_buffers if momentum_buffers is not None else [None] * len(params)
+    single, batch = [], []
+    for i, (param, manifold) in enumerate(zip(params, manifolds, strict=True)):
+        (batch if fused and fused_kernel_steps(param, manifold) else single).append(i)
+    if batch:
+        _fused_sgdg(
+            [params[i] for i in batch],
+            [grads[i] for i in batch],
+            [taus[i] for i in batch],
+            [manifolds[i] for i in batch],
+            lr=lr,
+            momentum=momentum,
+            grad_clip=grad_clip,
+            choice=choice,
+        )
+    for i in single:
+        _single_tensor_sgdg(
+            params[i],
+            grads[i],
+            taus[i],
+            manifolds[i],
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+        )
+
+
+def _single_tensor_sgdg(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    tau: torch.Tensor | None,
+    manifold: Manifold,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    grad_clip: float | None,
+) -> None:
+    """The paper's SGD-G step composed from ``manifold``'s operators (see :class:`SGDG`)."""
+    y = working(param)
+    h = clipped_rgrad(manifold, y, grad, weight_decay, grad_clip)
+    if tau is None:
+        d = h * -lr
+        new_y, new_tau = manifold.retr(y, d), None
+    else:
+        if is_grassmann1(manifold):
+            tau.copy_(manifold.proju(y, tau))
+        d = torch.add(tau * momentum, h, alpha=-lr)
+        new_y, new_tau = manifold.retr_transp(y, d, d)
+    new_y, new_tau = keep_norm(manifold, y, d, new_y, new_tau, param.dtype)
+    new_tau = store(manifold, param, new_y, new_tau)
+    if tau is not None:
+        tau.copy_(new_tau)
+
+
+def _fused_sgdg(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    taus: list[torch.Tensor | None],
+    manifolds: list[Manifold],
+    *,
+    lr: float,
+    momentum: float,
+    grad_clip: float | None,
+    choice: str,
+) -> None:
+    """Every parameter in one call of the fused per-row kernel (module docstring)."""
+    _fused.sgdg_(
+        params,
+        [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads, strict=True)],
+        taus,
+        [math.prod(p.shape[p.dim() - m.ndim :]) for p, m in zip(params, manifolds, strict=True)],
+        lr=lr,
+        momentum=momentum,
+        nu=math.inf if grad_clip is None else grad_clip,
+        choice=choice,
+    )

@@ -9,10 +9,11 @@ parameters, else ``param_groups[i]['params'][j] (shape ...)``):
 * ``state_dict`` has ``"state"`` and ``"param_groups"``; as many groups, and as many
   parameters per group, as the optimizer;
 * the saved hyper-parameters pass the same validation as the constructor's;
-* per parameter, the state holds exactly the keys of its rule, all together, with the
-  shapes the rule gives (``momentum_buffer`` / ``exp_avg``: the parameter's shape;
-  Adam-G's ``exp_avg_sq``: one scalar per point, ``(*batch, 1, ..., 1)``; ``step``: a
-  scalar) and finite values.
+* per parameter, the state holds exactly the keys that the optimizer declares for it
+  (:meth:`~rbn_geoopt.optim.base.RiemannianOptimizer.expected_state`: the optimizer's
+  ``state_spec`` on a manifold, torch's keys on a plain parameter), all together, with the
+  declared shapes and finite values. A ``step`` saved as a Python number (older torch) is
+  accepted and loaded as a tensor, as ``torch.optim.Adam`` does.
 
 A parameter without saved state starts fresh, as in torch (e.g. it had no gradient before
 the checkpoint).
@@ -36,43 +37,23 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from geoopt.manifolds.base import Manifold
 
-from .groups import manifold_of, param_label, validate_group
-from .kernels import is_euclidean, point_shape
+from ._validate import manifold_of, param_label, validate_group
 
-__all__ = ["expected_state", "validate_state_dict"]
-
-#: torch's per-parameter state keys of the Euclidean rules
-_EUCLIDEAN_KEYS = {"sgd": ("momentum_buffer",), "adam": ("step", "exp_avg", "exp_avg_sq")}
-
-
-def expected_state(
-    optimizer: str, param: torch.Tensor, manifold: Manifold, euclidean: str
-) -> dict[str, tuple[int, ...]]:
-    """State key -> shape of ``param``'s state under ``optimizer`` ("SGDG" or "AdamG")."""
-    shape = tuple(param.shape)
-    if is_euclidean(manifold):
-        keys = _EUCLIDEAN_KEYS[euclidean]
-        return {k: (() if k == "step" else shape) for k in keys}
-    if optimizer == "SGDG":
-        return {"momentum_buffer": shape}
-    return {"step": (), "exp_avg": shape, "exp_avg_sq": point_shape(param.shape, manifold)}
+__all__ = ["validate_state_dict"]
 
 
 def _candidate_group(
-    ours: dict[str, Any], saved: Mapping[str, Any], defaults: dict[str, Any], stabilize: Any
+    ours: dict[str, Any], saved: Mapping[str, Any], defaults: dict[str, Any]
 ) -> dict[str, Any]:
     """Our group as it will be after loading ``saved`` (for validation only)."""
     group = {k: v for k, v in saved.items() if k not in ("params", "manifold")}
     for key, value in defaults.items():
         group.setdefault(key, value)
-    group.setdefault("stabilize", stabilize)
     group["params"] = ours["params"]
-    if "manifold" in ours:
-        group["manifold"] = ours["manifold"]
-    if "param_names" in ours:
-        group["param_names"] = ours["param_names"]
+    for key in ("manifold", "param_names"):
+        if key in ours:
+            group[key] = ours[key]
     return group
 
 
@@ -92,6 +73,8 @@ def _check_entry(where: str, label: str, entry: Any, expected: dict[str, tuple[i
     for key in present:
         value = entry[key]
         if key == "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if not value >= 0:
+                raise ValueError(f"{where}: state 'step' of {label} must be >= 0, got {value!r}")
             continue
         if not torch.is_tensor(value):
             raise ValueError(
@@ -106,10 +89,10 @@ def _check_entry(where: str, label: str, entry: Any, expected: dict[str, tuple[i
             raise ValueError(f"{where}: state '{key}' of {label} holds NaN/Inf values")
 
 
-def validate_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
-    """Raise ValueError / TypeError (see the module docstring) unless ``state_dict`` fits."""
-    name = type(optimizer).__name__
-    where = f"{name}.load_state_dict"
+def validate_state_dict(optimizer: Any, state_dict: Any) -> None:
+    """Raise ValueError / TypeError (see the module docstring) unless ``state_dict`` fits
+    ``optimizer`` (an SGDG/AdamG, or any subclass: the declared state is read)."""
+    where = f"{type(optimizer).__name__}.load_state_dict"
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise TypeError(f"{where}: expected a dict with keys 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
@@ -126,7 +109,7 @@ def validate_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> No
                 f"size of optimizer's group: group {i} holds {len(saved['params'])} "
                 f"parameter(s) in the state dict and {len(ours['params'])} here"
             )
-        group = _candidate_group(ours, saved, optimizer.defaults, optimizer._stabilize)
+        group = _candidate_group(ours, saved, optimizer.defaults)
         validate_group(group, i, where)
         candidates.append(group)
     state = state_dict["state"]
@@ -134,6 +117,5 @@ def validate_state_dict(optimizer: torch.optim.Optimizer, state_dict: Any) -> No
         for j, (param, saved_id) in enumerate(zip(group["params"], saved["params"], strict=True)):
             if saved_id not in state:
                 continue
-            manifold = manifold_of(param, group)
-            expected = expected_state(name, param, manifold, group["euclidean"])
+            expected = optimizer.expected_state(param, manifold_of(param, group), group)
             _check_entry(where, param_label(group, i, j), state[saved_id], expected)

@@ -13,8 +13,10 @@
  * streams stay busy, as in a single-pass elementwise update. `mom` may be NULL (SGD-G
  * without momentum); dot products are accumulated in double.
  *
- * FN(sum_squares) is the read-only pass of the step guard (rbn_geoopt/optim/checks.py):
- * one sweep over a gradient for its squared norm and its finiteness.
+ * FN(check_rows) and FN(sum_squares) are the read-only passes of the step guard
+ * (rbn_geoopt/optim/_guard.py): one sweep over the points and gradients of a G(1,n)
+ * tensor for the first row that cannot be stepped, one sweep over any other gradient for
+ * its squared norm and its finiteness.
  */
 
 /* x[lo, hi): *ss += sum x^2, *nf += sum x * 0 (0 unless some x is NaN/Inf, whose
@@ -159,4 +161,19 @@ static TARGET int64_t FN(step_rows)(T *y, const T *g, T *mom, T *v, int64_t lo, 
     }
 #undef ROW
     return bad;
+}
+
+/* The guard's verdict on rows [lo, hi): the first row whose <y,y> is not in [lo2, hi2]
+ * (zero, non-finite, or out of the supported range) goes to *bad_point, the first whose
+ * <g,g> is not <= hi2 or <g,g> <y,y>^2 not <= glim2 (a non-finite gradient, or one whose
+ * step would overflow) to *bad_grad (both start at INT64_MAX and are only lowered). */
+static TARGET void FN(check_rows)(const T *y, const T *g, int64_t lo, int64_t hi, int64_t n,
+                                  double lo2, double hi2, double glim2, int64_t *bad_point,
+                                  int64_t *bad_grad)
+{
+    for (int64_t i = lo; i < hi; ++i) {
+        const struct dots s = FN(row_dots)(y + i * n, g + i * n, NULL, n);
+        if (!(s.yy >= lo2 && s.yy <= hi2) && i < *bad_point) *bad_point = i;
+        if (!(s.gg <= hi2 && s.gg * s.yy * s.yy <= glim2) && i < *bad_grad) *bad_grad = i;
+    }
 }

@@ -1,0 +1,176 @@
+r"""The optimizer-step benchmark: every measure of the step's speed in one run.
+
+``python -m comparisons.bench [--repeats 30] [--quick]`` prints
+
+1. **Python calls** per ``step()`` on one ``Grassmann1`` parameter (counted with
+   ``sys.setprofile``, Python-level calls only), for SGDG and AdamG, beside torch's
+   ``SGD.step()`` and ``Adam.step()`` on a plain parameter of the same shape;
+2. **20 small conv weights** ``(16, 8, 3, 3)``, one thread: ``SGDG.step()`` / torch
+   ``SGD(momentum, foreach)``, ``AdamG.step()`` / torch ``Adam(foreach)``;
+3. **ResNet-18's conv weights** (20 tensors, 11.2M parameters), two threads: the same
+   ratios, and the speed-up over geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on
+   ``SphereExact`` (the rows of each weight as points).
+
+Every method steps its own copy of the tensors with the same fixed gradients; the methods
+are timed in turn inside each round (:func:`comparisons.timing.interleaved`) and the
+medians compared, so machine noise hits all of them alike. Only the public API is used:
+the step of an optimizer is what a user pays (guard, bookkeeping and kernel). ``--quick``
+is the smoke run of the tests (few rounds, no ResNet-18).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import geoopt
+import torch
+
+from rbn_geoopt import SGDG, AdamG, Grassmann1
+
+from .models import resnet18_conv_shapes
+from .timing import interleaved
+
+__all__ = ["count_calls", "main", "step_ratios"]
+
+LR, MOMENTUM, BETAS, EPS = 0.01, 0.9, (0.9, 0.99), 1e-8
+SMALL = [(16, 8, 3, 3)] * 20
+
+
+def _tensors(shapes, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    ys = [torch.randn(s, generator=gen) for s in shapes]
+    gs = [1e-2 * torch.randn(s, generator=gen) for s in shapes]
+    return ys, gs
+
+
+def _with_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return params
+
+
+def _ours(cls, shapes, **hyper) -> torch.optim.Optimizer:
+    ys, gs = _tensors(shapes)
+    params = [geoopt.ManifoldParameter(y, manifold=Grassmann1(ndim=y.dim() - 1)) for y in ys]
+    return cls(_with_grads(params, gs), lr=LR, **hyper)
+
+
+def _torch(cls, shapes, **hyper) -> torch.optim.Optimizer:
+    ys, gs = _tensors(shapes)
+    params = [torch.nn.Parameter(y) for y in ys]
+    return cls(_with_grads(params, gs), lr=LR, foreach=True, **hyper)
+
+
+def _geoopt(cls, shapes, **hyper) -> torch.optim.Optimizer:
+    ys, gs = _tensors(shapes)
+    sphere = geoopt.SphereExact()
+    params = [
+        geoopt.ManifoldParameter(sphere.projx(y.reshape(y.shape[0], -1)), manifold=sphere)
+        for y in ys
+    ]
+    grads = [g.reshape(p.shape) for p, g in zip(params, gs, strict=True)]
+    return cls(_with_grads(params, grads), lr=LR, **hyper)
+
+
+def _methods(shapes, with_geoopt: bool) -> dict[str, Callable[[], object]]:
+    methods = {
+        "torch SGD": _torch(torch.optim.SGD, shapes, momentum=MOMENTUM).step,
+        "SGDG": _ours(SGDG, shapes, momentum=MOMENTUM).step,
+        "torch Adam": _torch(torch.optim.Adam, shapes, betas=BETAS, eps=EPS).step,
+        "AdamG": _ours(AdamG, shapes, betas=BETAS, eps=EPS).step,
+    }
+    if with_geoopt:
+        methods["geoopt RiemannianSGD"] = _geoopt(
+            geoopt.optim.RiemannianSGD, shapes, momentum=MOMENTUM
+        ).step
+        methods["geoopt RiemannianAdam"] = _geoopt(
+            geoopt.optim.RiemannianAdam, shapes, betas=BETAS, eps=EPS
+        ).step
+    return methods
+
+
+def count_calls(step: Callable[[], object]) -> int:
+    """Python-level function calls made by one ``step()`` (after one warm-up call)."""
+    step()
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def python_calls() -> dict[str, int]:
+    """Measure 1 of the module docstring."""
+    shape = [(64, 32, 3, 3)]
+    return {
+        "SGDG": count_calls(_ours(SGDG, shape, momentum=MOMENTUM).step),
+        "AdamG": count_calls(_ours(AdamG, shape).step),
+        "torch SGD": count_calls(_torch(torch.optim.SGD, shape, momentum=MOMENTUM).step),
+        "torch Adam": count_calls(_torch(torch.optim.Adam, shape).step),
+    }
+
+
+def step_ratios(
+    shapes, threads: int, rounds: int, with_geoopt: bool = True
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(medians in seconds, ratios)`` of the step times on ``shapes`` with ``threads``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        methods = _methods(shapes, with_geoopt)
+        times = interleaved(methods, warmup=2, rounds=rounds)
+    finally:
+        torch.set_num_threads(before)
+    med = {label: statistics.median(ts) for label, ts in times.items()}
+    ratios = {
+        "SGDG / torch SGD": med["SGDG"] / med["torch SGD"],
+        "AdamG / torch Adam": med["AdamG"] / med["torch Adam"],
+    }
+    if with_geoopt:
+        ratios["geoopt RiemannianSGD / SGDG"] = med["geoopt RiemannianSGD"] / med["SGDG"]
+        ratios["geoopt RiemannianAdam / AdamG"] = med["geoopt RiemannianAdam"] / med["AdamG"]
+    return med, ratios
+
+
+def _print_table(title: str, med: dict[str, float], ratios: dict[str, float]) -> None:
+    print(f"\n{title}")
+    for label, sec in med.items():
+        print(f"  {label:24s} {1e3 * sec:9.3f} ms")
+    for label, value in ratios.items():
+        print(f"  {label:32s} {value:6.2f}x")
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measure")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no ResNet")
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else args.repeats
+    out: dict[str, object] = {"python_calls": python_calls()}
+    print("Python calls per step() on one (64, 32, 3, 3) parameter:")
+    for label, calls in out["python_calls"].items():
+        print(f"  {label:12s} {calls:5d}")
+    med, ratios = step_ratios(SMALL, threads=1, rounds=rounds * 4, with_geoopt=False)
+    out["small"] = ratios
+    _print_table("20 conv weights (16, 8, 3, 3), 1 thread:", med, ratios)
+    if not args.quick:
+        shapes = resnet18_conv_shapes()
+        med, ratios = step_ratios(shapes, threads=2, rounds=rounds)
+        out["resnet18"] = ratios
+        _print_table("ResNet-18 conv weights (11.2M parameters), 2 threads:", med, ratios)
+    return out
+
+
+if __name__ == "__main__":
+    main()

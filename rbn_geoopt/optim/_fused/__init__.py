@@ -1,0 +1,269 @@
+r"""The fused per-row kernels of SGDG and AdamG, and the guard's sweep (private).
+
+Every function here trusts its caller (:mod:`rbn_geoopt.optim.sgdg`, :mod:`.adamg`,
+:mod:`.._guard`): the optimizers validated the hyper-parameters when the param group was
+added and the step guard has read every point and gradient before a kernel runs, so no
+argument is checked again. A tensor list is stepped in place by
+
+* the C extension ``_crows`` (C99 + OpenMP, AVX2 + FMA copies when the CPU has them): one
+  call per dtype for the rows of every CPU, C-contiguous float32/float64 tensor of the
+  list, spread over ``torch.get_num_threads()`` threads (one thread below
+  ``PARALLEL_MIN_NUMEL`` elements);
+* its pure-torch twin :mod:`.torch_twin` for everything else (other devices, half
+  precision, strided views, no compiler at install time), with the same formulas.
+
+``RBN_GEOOPT_KERNELS=torch`` forces the twin, ``=c`` insists on C (ValueError where it
+cannot be used), ``=auto`` (the default) picks per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch.autograd.graph import increment_version
+
+from . import torch_twin
+
+try:  # imported after torch, so that it shares torch's OpenMP runtime (libgomp)
+    from . import _crows
+except ImportError:  # not built (no compiler): everything runs in torch
+    _crows = None
+
+__all__ = ["ENV_VAR", "adamg_", "backend", "c_ok", "check_rows", "sgdg_", "sum_squares"]
+
+#: environment variable that forces a backend: "torch", "c" or "auto" (the default)
+ENV_VAR = "RBN_GEOOPT_KERNELS"
+_BACKENDS = ("auto", "c", "torch")
+_C_DTYPES = {torch.float32: 0, torch.float64: 1}
+#: below this many elements a call runs on one thread (OpenMP start-up dominates)
+PARALLEL_MIN_NUMEL = 1 << 15
+
+
+def backend() -> str:
+    """The backend ``RBN_GEOOPT_KERNELS`` selects (ValueError for an unknown value)."""
+    choice = os.environ.get(ENV_VAR, "auto").lower() or "auto"
+    if choice not in _BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "c" and _crows is None:
+        raise ValueError(f"{ENV_VAR}=c, but the C extension _crows is not built")
+    return choice
+
+
+def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether the C kernel steps these tensors: CPU, C-contiguous, one float32/float64
+    dtype, and ``choice`` (from :func:`backend`) not "torch". With ``choice == "c"`` a
+    tensor it cannot take is a ValueError."""
+    if choice == "torch":
+        return False
+    dtype = tensors[0].dtype
+    ok = _crows is not None and dtype in _C_DTYPES
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            ok = False
+    if not ok and choice == "c":
+        raise ValueError(
+            f"{ENV_VAR}=c: the C kernel takes CPU C-contiguous float32/float64 tensors of one "
+            f"dtype, got {[(t.device.type, t.dtype) for t in tensors if t is not None]}"
+        )
+    return ok
+
+
+def _nthreads(numel: int, rows: int) -> int:
+    if numel < PARALLEL_MIN_NUMEL:
+        return 1
+    return max(1, min(torch.get_num_threads(), rows))
+
+
+def _written(*tensors: torch.Tensor | None) -> None:
+    """Bump the autograd version counters of tensors the C kernel wrote through pointers,
+    so that autograd still detects a step taken between a forward and its backward."""
+    for t in tensors:
+        if t is not None:
+            increment_version(t)
+
+
+class _Batch:
+    """The C jobs of one call, by dtype, with their total size (for the thread count)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[torch.dtype, list[tuple]] = {}
+        self.written: list[torch.Tensor | None] = []
+        self.numel = self.rows = 0
+
+    def add(self, dtype: torch.dtype, job: tuple, rows: int, n: int, *written) -> None:
+        self.jobs.setdefault(dtype, []).append(job)
+        self.written += written
+        self.numel += rows * n
+        self.rows += rows
+
+    def run(self, kernel: str, *args: float) -> list[int]:
+        """``_crows.<kernel>(jobs, dtype code, *args, snap, threads)`` once per dtype;
+        returns the first bad row of every job (-1: none)."""
+        bad: list[int] = []
+        threads = _nthreads(self.numel, self.rows)
+        call = getattr(_crows, kernel)
+        for dtype, jobs in self.jobs.items():
+            bad += call(jobs, _C_DTYPES[dtype], *args, torch_twin.snap(dtype), threads)
+        _written(*self.written)
+        return bad
+
+
+def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``t`` as ``(rows, n)``: a view when possible, else a copy (see ``_write_back``)."""
+    return None if t is None else t.reshape(-1, n)
+
+
+def _write_back(t: torch.Tensor | None, rows: torch.Tensor | None) -> None:
+    """Copy ``rows`` into ``t`` when ``_rows`` had to copy it (a strided tensor)."""
+    if t is not None and rows.data_ptr() != t.data_ptr():
+        t.copy_(rows.view(t.shape))
+
+
+def _first(mask: torch.Tensor) -> int:
+    """The first True row of ``mask``, or -1 (one synchronization on CUDA)."""
+    if not bool(mask.any()):
+        return -1
+    return int(mask.view(-1).nonzero()[0, 0])
+
+
+def _unstepped(bad: list[int]) -> None:
+    """The guard refuses every row a kernel cannot step, so a flagged row means it was
+    bypassed; such rows were left unchanged: say so rather than go on silently."""
+    if any(b >= 0 for b in bad):
+        raise ValueError(
+            "a zero or non-finite point, or a non-finite gradient, reached the fused kernel "
+            "(the step guard was bypassed); those rows were left unchanged"
+        )
+
+
+def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: str) -> None:
+    """One SGD-G step of every ``(ys[i], gs[i], taus[i])``, points of G(1, ns[i]) in rows
+    (``taus[i]`` None without momentum), in place: :func:`.torch_twin.sgdg_rows_` per row."""
+    batch, bad = _Batch(), []
+    for y, g, tau, n in zip(ys, gs, taus, ns, strict=True):
+        if y.numel() == 0:
+            continue
+        if c_ok(choice, y, g, tau):
+            rows = y.numel() // n
+            job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), rows, n)
+            batch.add(y.dtype, job, rows, n, y, tau)
+            continue
+        yr, gr, tr = _rows(y, n), _rows(g, n), _rows(tau, n)
+        bad.append(_first(torch_twin.sgdg_rows_(yr, gr, tr, lr=lr, momentum=momentum, nu=nu)))
+        _write_back(y, yr)
+        _write_back(tau, tr)
+    if batch.jobs:
+        bad += batch.run("sgdg_many", lr, momentum, nu)
+    _unstepped(bad)
+
+
+def adamg_(
+    ys,
+    gs,
+    ms,
+    vs,
+    ns,
+    step_sizes,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    nu: float,
+    choice: str,
+) -> None:
+    """One Adam-G step of every ``(ys[i], gs[i], ms[i], vs[i])`` (``vs[i]``: one second
+    moment per row) with ``step_sizes[i] = lr sqrt(1 - beta2^k) / (1 - beta1^k)``, in place:
+    :func:`.torch_twin.adamg_rows_` per row."""
+    batch, bad = _Batch(), []
+    for y, g, m, v, n, step_size in zip(ys, gs, ms, vs, ns, step_sizes, strict=True):
+        if y.numel() == 0:
+            continue
+        if c_ok(choice, y, g, m, v):
+            rows = y.numel() // n
+            job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), rows, n, step_size)
+            batch.add(y.dtype, job, rows, n, y, m, v)
+            continue
+        yr, gr, mr, vr = _rows(y, n), _rows(g, n), _rows(m, n), _rows(v, 1)
+        mask = torch_twin.adamg_rows_(
+            yr, gr, mr, vr, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, nu=nu
+        )
+        bad.append(_first(mask))
+        for t, rows in ((y, yr), (m, mr), (v, vr)):
+            _write_back(t, rows)
+    if batch.jobs:
+        bad += batch.run("adamg_many", beta1, beta2, eps, nu)
+    _unstepped(bad)
+
+
+def limits(dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(lo2, hi2, glim2)``: the step guard accepts a row when ``lo2 <= <y,y> <= hi2``,
+    ``<g,g> <= hi2`` and ``<g,g> <y,y>^2 <= glim2``, in the working dtype's range:
+    ``|y|`` from ``tiny^(1/4)`` to ``sqrt(max) / 4`` (float32: 3.3e-10 to 4.6e18; float64:
+    1.2e-77 to 3.4e153), ``|g|`` and ``|g| |y|^2`` at most ``sqrt(max) / 4``, so that every
+    dot product and coefficient of a step is finite and normal."""
+    info = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    hi2 = info.max / 16
+    return math.sqrt(info.tiny), hi2, hi2
+
+
+def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
+    """Per tensor, ``(first row with a bad point, first row with a bad gradient)`` (-1:
+    none) by the rule of :func:`limits`: one read of every point and gradient, one C call
+    per dtype for the tensors the C kernel takes, torch reductions (one synchronization per
+    device) for the others."""
+    out: list[tuple[int, int] | None] = [None] * len(ys)
+    c_jobs: dict[torch.dtype, list[tuple[int, tuple]]] = {}
+    pending: list[tuple[int, torch.Tensor]] = []
+    numel = rows = 0
+    for i, (y, g, n) in enumerate(zip(ys, gs, ns, strict=True)):
+        count = y.numel() // n if n else 0
+        if count == 0:
+            out[i] = (-1, -1)
+        elif c_ok(choice, y, g):
+            job = (y.data_ptr(), g.data_ptr(), count, n, *limits(y.dtype))
+            c_jobs.setdefault(y.dtype, []).append((i, job))
+            numel, rows = numel + count * n, rows + count
+        else:
+            pending.append((i, _torch_verdict(y.reshape(-1, n), g.reshape(-1, n))))
+    threads = _nthreads(numel, rows)
+    for dtype, items in c_jobs.items():
+        found = _crows.check_rows([job for _, job in items], _C_DTYPES[dtype], threads)
+        for (i, _), pair in zip(items, found, strict=True):
+            out[i] = tuple(pair)
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, verdict in pending:
+        by_device.setdefault(verdict.device, []).append((i, verdict))
+    for items in by_device.values():
+        values = torch.stack([v for _, v in items]).tolist()
+        for (i, _), (point, grad) in zip(items, values, strict=True):
+            out[i] = (int(point), int(grad))
+    return out
+
+
+def _torch_verdict(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[first bad point row, first bad gradient row]`` (-1: none) of ``(rows, n)``
+    matrices by the rule of :func:`limits`, as a device tensor."""
+    lo2, hi2, glim2 = limits(y.dtype)
+    yw, gw = torch_twin._working(y), torch_twin._working(g)
+    yy = torch_twin._dot(yw, yw).view(-1)
+    gg = torch_twin._dot(gw, gw).view(-1)
+    bad_point = ~((yy >= lo2) & (yy <= hi2))
+    bad_grad = ~((gg <= hi2) & (gg * yy * yy <= glim2))
+    index = torch.arange(len(yy), device=y.device)
+    none = torch.full_like(index, len(yy))
+    first = torch.stack(
+        [torch.where(bad_point, index, none).min(), torch.where(bad_grad, index, none).min()]
+    )
+    return torch.where(first == len(yy), -1, first)
+
+
+def sum_squares(t: torch.Tensor, choice: str) -> tuple[float, bool] | None:
+    """``(sum of t^2, all finite)`` in one C sweep, or None where the C kernel does not
+    read ``t`` (the guard then measures with torch). Partial sums run in ``t``'s dtype, the
+    total in double: inf when a partial sum overflows, NaN when ``t`` holds NaN."""
+    if not c_ok("auto" if choice == "c" else choice, t):
+        return None
+    numel = t.numel()
+    return _crows.sum_squares(t.data_ptr(), numel, _C_DTYPES[t.dtype], _nthreads(numel, numel))
