@@ -1,7 +1,8 @@
 """Plain numpy transcription of SGD-G (Algorithm 1) and Adam-G of Cho & Lee (NIPS 2017).
 
-Written from the paper / DESIGN.md section 3, one row (one weight vector) at a time, with
-no torch and no import of rbn_geoopt: the optimizers are tested against it.
+Written from the paper (``docs/design.md``, "The optimizers SGD-G and Adam-G"), one row (one
+weight vector) at a time, with no torch and no import of rbn_geoopt: the optimizers are
+tested against it.
 
 Rows are weight vectors ``y``. The paper normalizes each weight before a step and works at
 the unit vector. The gradient ``g`` handed to ``step`` is the Euclidean gradient of a
