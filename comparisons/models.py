@@ -4,7 +4,8 @@ conv-weight shapes of a ResNet-18 (built here, no torchvision).
 In the VGG net every conv feeds a BatchNorm directly, so each conv weight row is scale
 invariant (a point of G(1, n)). In the pre-activation ResNet only the first conv of each
 block feeds a BN directly; the second conv's output is added to the shortcut, which breaks
-the invariance (DESIGN.md section 4) -- ``rbn_geoopt.nn.to_grassmann`` decides which is which.
+the invariance (``docs/design.md``, "Which weights are scale invariant") --
+``rbn_geoopt.nn.to_grassmann`` decides which is which.
 
 Example::
 

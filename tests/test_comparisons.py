@@ -427,7 +427,7 @@ def _geodesic(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, 
 def test_geoopt_sgd_on_sphereexact_takes_the_same_first_step_times_1_9():
     """Same rows, lr, clipping and orthogonality as SGD-G: geoopt's RiemannianSGD moves
     every row along the same geodesic, (1 + momentum) = 1.9 times as far on the first step
-    (its momentum buffer starts as the gradient, PEERS.md), exactly."""
+    (geoopt's momentum buffer starts as the raw Euclidean gradient), exactly."""
     ours, theirs = _one_step("sgdg"), _one_step("rsgd-sphereexact")
     assert list(ours) == list(theirs) and len(ours) == 4
     for name in ours:

@@ -101,7 +101,8 @@ def test_half_precision_is_stepped_in_float32_and_stored_back(dtype, cls):
 
 
 def test_half_precision_sphere_works_although_geoopt_eps_table_lacks_it():
-    """geoopt's Sphere raises KeyError on half tensors (PEERS.md); we step it in float32."""
+    """geoopt 0.5.1's Sphere raises KeyError on half tensors (its EPS table lacks them); we
+    step it in float32."""
     x = geoopt.ManifoldParameter(
         geoopt.Sphere().projx(torch.randn(4, 6)).to(torch.bfloat16), manifold=geoopt.SphereExact()
     )
