@@ -38,15 +38,13 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-from geoopt import Euclidean
 from geoopt.manifolds.base import Manifold
 
-from ..manifold import is_grassmann1
 from . import _fused
-from ._distributed import is_dtensor, local, reduce_max
+from ._distributed import is_dtensor, reduce_max
 from ._validate import param_label
 
-__all__ = ["Item", "NonFiniteGradientError", "check_step"]
+__all__ = ["GRASSMANN", "OTHER", "PLAIN", "Item", "NonFiniteGradientError", "check_step"]
 
 # verdict codes, reduced with MAX across ranks
 _OK, _BAD_GRAD, _BAD_POINT = 0, 1, 2
@@ -60,56 +58,65 @@ class NonFiniteGradientError(ValueError):
     """
 
 
+#: what a step does with a parameter: torch's rule, the G(1,n) rule, another manifold's
+PLAIN, GRASSMANN, OTHER = 0, 1, 2
+
+
 class Item(NamedTuple):
-    """One parameter with a gradient, as a step sees it (``index``: its place in the
-    group, for error messages)."""
+    """One parameter with a gradient, as a step sees it: ``point`` and ``grad`` are the
+    rank-local tensors (a DTensor's shard), ``kind`` one of PLAIN / GRASSMANN / OTHER,
+    ``index`` its place in the group (for error messages)."""
 
     param: torch.Tensor
+    point: torch.Tensor
     grad: torch.Tensor
     manifold: Manifold
+    kind: int
     index: int
 
 
-def _point_size(param: torch.Tensor, manifold: Manifold) -> int:
-    return math.prod(param.shape[param.dim() - manifold.ndim :])
-
-
 def check_step(
-    optimizer: str, work: list[tuple[int, dict[str, Any], list[Item]]], choice: str
+    optimizer: str,
+    work: list[tuple[int, dict[str, Any], list[Item], list[Item]]],
+    choice: str,
 ) -> None:
     """Raise (module docstring) unless every item of ``work`` (``(group index, group,
-    items)`` per group) can be stepped; ``choice`` is ``_fused.backend()``."""
-    rows, finite = [], []  # (where, y, g, n) of G(1,n) items; (where, tensors) of others
-    for gi, group, items in work:
-        for item in items:
-            where = (gi, group, item)
+    plain items, manifold items)`` per group) can be stepped; ``choice`` is
+    ``_fused.backend()``."""
+    ys, gs, ns, where_rows, finite = [], [], [], [], []
+    dtensors = False
+    for gi, group, plain, curved in work:
+        for item in plain + curved:
             if item.param.device.type == "meta":
                 raise ValueError(
                     f"{optimizer}: {param_label(group, gi, item.index)} is on the meta device: "
                     "it holds no values to step; materialize the model first "
                     "(model.to_empty(device=...), then initialize its weights)"
                 )
-            if is_grassmann1(item.manifold):
-                y = local(item.param)
-                rows.append((where, y, local(item.grad), _point_size(y, item.manifold)))
-            elif isinstance(item.manifold, Euclidean):
-                finite.append((where, (local(item.grad),)))
+            dtensors = dtensors or item.point is not item.param
+            if item.kind == GRASSMANN:
+                ys.append(item.point)
+                gs.append(item.grad)
+                ns.append(math.prod(item.point.shape[item.point.dim() - item.manifold.ndim :]))
+                where_rows.append((gi, group, item))
+            elif item.kind == PLAIN:
+                finite.append(((gi, group, item), (item.grad,)))
             else:
-                finite.append((where, (local(item.param), local(item.grad))))
+                finite.append(((gi, group, item), (item.point, item.grad)))
     failed = []  # (code, where, row)
-    verdicts = _fused.check_rows(
-        [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], choice
-    )
-    for (where, *_), (point, grad) in zip(rows, verdicts, strict=True):
-        if point >= 0:
-            failed.append((_BAD_POINT, where, point))
-        elif grad >= 0:
-            failed.append((_BAD_GRAD, where, grad))
-    failed += _finite_verdicts(finite, choice)
-    code = max((f[0] for f in failed), default=_OK)
-    dtensors = [item.param for _, _, items in work for item in items if is_dtensor(item.param)]
+    if ys:
+        verdicts = _fused.check_rows(ys, gs, ns, choice)
+        for where, (point, grad) in zip(where_rows, verdicts, strict=True):
+            if point >= 0:
+                failed.append((_BAD_POINT, where, point))
+            elif grad >= 0:
+                failed.append((_BAD_GRAD, where, grad))
+    if finite:
+        failed += _finite_verdicts(finite, choice)
+    code = max((f[0] for f in failed), default=_OK) if failed else _OK
     if dtensors:
-        code = reduce_max(code, dtensors)
+        params = [item.param for _, _, plain, curved in work for item in plain + curved]
+        code = reduce_max(code, [p for p in params if is_dtensor(p)])
     if code != _OK:
         _raise(optimizer, code, [f for f in failed if f[0] == code])
 
@@ -170,13 +177,13 @@ def _robust_norm(row: torch.Tensor) -> float:
 
 
 def _point_message(optimizer: str, label: str, item: Item, row: int, shard: str) -> str:
-    y = local(item.param)
+    y = item.point
     if row < 0:  # another manifold: the whole point
         return (
             f"{optimizer}: {label} holds NaN/Inf values: a point of {item.manifold.name} must "
             "be finite; nothing was stepped"
         )
-    values = y.reshape(-1, _point_size(y, item.manifold))[row]
+    values = y.reshape(-1, math.prod(y.shape[y.dim() - item.manifold.ndim :]))[row]
     lo2, hi2, _ = _fused.limits(y.dtype)
     low, high = lo2**0.5, hi2**0.5
     if not bool(torch.isfinite(values).all()):
@@ -196,8 +203,9 @@ def _point_message(optimizer: str, label: str, item: Item, row: int, shard: str)
 
 
 def _grad_message(optimizer: str, label: str, item: Item, row: int, shard: str) -> str:
-    grad = local(item.grad)
-    values = grad if row < 0 else grad.reshape(-1, _point_size(grad, item.manifold))[row]
+    grad = item.grad
+    n = 1 if row < 0 else math.prod(grad.shape[grad.dim() - item.manifold.ndim :])
+    values = grad if row < 0 else grad.reshape(-1, n)[row]
     at = "" if row < 0 else f" (row {row}{shard})"
     if bool(torch.isfinite(values).all()):
         what = "values so large that the step would overflow"

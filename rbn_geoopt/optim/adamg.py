@@ -134,20 +134,24 @@ class AdamG(RiemannianOptimizer):
         super().__init__(params, defaults)
 
     def _step_manifold(self, group: dict[str, Any], items: list[Item], choice: str) -> None:
-        states = []
+        params, manifolds, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for item in items:
             state = self.state[item.param]
-            states.append(
-                state if "exp_avg" in state else self._init_state(item.param, item.manifold)
-            )
+            if "exp_avg" not in state:
+                state = self._init_state(item.param, item.manifold)
+            params.append(item.point)
+            manifolds.append(item.manifold)
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            steps.append(state["step"])
         beta1, beta2 = group["betas"]
         adamg(
-            [local(item.param) for item in items],
+            params,
             self._gradients(group, items),
-            [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states],
-            [s["step"] for s in states],
-            [item.manifold for item in items],
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            manifolds,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -184,39 +188,34 @@ def adamg(
     take the fused kernel (``choice``: its backend); everything else the single-tensor
     path. Inputs are trusted: :class:`AdamG` has validated them.
     """
-    step_sizes = []
-    for step_t in state_steps:
+    batch: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size
+    for param, grad, exp_avg, exp_avg_sq, step_t, manifold in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, manifolds, strict=True
+    ):
         step_t += 1
         step = step_t.item()
-        step_sizes.append(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step))
-    single, batch = [], []
-    for i, (param, manifold) in enumerate(zip(params, manifolds, strict=True)):
-        (batch if fused and fused_kernel_steps(param, manifold) else single).append(i)
-    if batch:
-        _fused_adamg(
-            *([lst[i] for i in batch] for lst in (params, grads, exp_avgs, exp_avg_sqs)),
-            [step_sizes[i] for i in batch],
-            [manifolds[i] for i in batch],
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            grad_clip=grad_clip,
-            choice=choice,
-        )
-    for i in single:
-        _single_tensor_adamg(
-            params[i],
-            grads[i],
-            exp_avgs[i],
-            exp_avg_sqs[i],
-            manifolds[i],
-            step_size=step_sizes[i],
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-        )
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        if fused and fused_kernel_steps(param, manifold):
+            n = math.prod(param.shape[param.dim() - manifold.ndim :])
+            values = (param, grad.to(param.dtype), exp_avg, exp_avg_sq, n, step_size)
+            for column, value in zip(batch, values, strict=True):
+                column.append(value)
+        else:
+            _single_tensor_adamg(
+                param,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+                manifold,
+                step_size=step_size,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                grad_clip=grad_clip,
+            )
+    if batch[0]:
+        _fused_adamg(*batch, beta1=beta1, beta2=beta2, eps=eps, grad_clip=grad_clip, choice=choice)
 
 
 def _single_tensor_adamg(
@@ -252,8 +251,8 @@ def _fused_adamg(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
+    sizes: list[int],
     step_sizes: list[float],
-    manifolds: list[Manifold],
     *,
     beta1: float,
     beta2: float,
@@ -261,13 +260,14 @@ def _fused_adamg(
     grad_clip: float | None,
     choice: str,
 ) -> None:
-    """Every parameter in one call of the fused per-row kernel (module docstring)."""
+    """Every parameter (points of G(1, sizes[i]) in rows) in one call of the fused per-row
+    kernel (module docstring)."""
     _fused.adamg_(
         params,
-        [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads, strict=True)],
+        grads,
         exp_avgs,
         exp_avg_sqs,
-        [math.prod(p.shape[p.dim() - m.ndim :]) for p, m in zip(params, manifolds, strict=True)],
+        sizes,
         step_sizes,
         beta1=beta1,
         beta2=beta2,

@@ -28,12 +28,13 @@ from geoopt.optim.mixin import OptimMixin
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
-from ..manifold import is_grassmann1
+from ..manifold import Grassmann1, is_grassmann1
 from ..orthogonality import orthogonality_egrad
 from . import _fused
 from ._checkpoint import validate_state_dict
+from ._distributed import DTensor as _DTensor
 from ._distributed import gathered, local, replicated_rows, shard_like
-from ._guard import Item, check_step
+from ._guard import GRASSMANN, OTHER, PLAIN, Item, check_step
 from ._validate import manifold_of, param_label, validate_group
 
 __all__ = [
@@ -56,6 +57,17 @@ EUCLIDEAN_STATE = {
 }
 #: parameter dtypes whose manifold math runs in float32 (and whose state is float32)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: the kind of a parameter by the exact type of its manifold (the common cases; others:
+#: _kind, which also sees subclasses and geoopt.Scaled)
+_KINDS = {Grassmann1: GRASSMANN, Euclidean: PLAIN}
+
+
+def _kind(manifold: Manifold) -> int:
+    if is_grassmann1(manifold):
+        return GRASSMANN
+    return PLAIN if isinstance(manifold, Euclidean) else OTHER
+
 
 _COMPILE_ERROR = (
     "{}.step() cannot be compiled: under torch.compile / dynamo the manifold parameters lose "
@@ -209,7 +221,6 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
                         )
 
     # -------------------------------------------------------------------- step
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step for every parameter that has a gradient; returns ``closure()``'s loss.
 
@@ -224,34 +235,52 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        choice = _fused.backend()
-        work = []
-        for index, group in enumerate(self.param_groups):
-            items = []
-            for j, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is not None:
-                    if grad.is_sparse:
-                        raise TypeError(
-                            f"{type(self).__name__}: {param_label(group, index, j)} has a "
-                            "sparse gradient; sparse gradients are not supported"
-                        )
-                    items.append(Item(param, grad, manifold_of(param, group), j))
-            work.append((index, group, items))
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python layers
+        try:
+            self._step(_fused.backend())
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+        return loss
+
+    def _step(self, choice: str) -> None:
+        work = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
         check_step(type(self).__name__, work, choice)
-        for _, group, items in work:
-            plain = [item for item in items if isinstance(item.manifold, Euclidean)]
+        for _, group, plain, curved in work:
             if plain:
                 self._step_euclidean(group, plain)
-            if len(plain) < len(items):
-                curved = [item for item in items if not isinstance(item.manifold, Euclidean)]
+            if curved:
                 self._step_manifold(group, curved, choice)
             group["step"] = group.get("step", 0) + 1
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
-        return loss
+
+    def _collect(self, index: int, group: dict[str, Any]):
+        """``(index, group, plain items, manifold items)``: the group's parameters that
+        have a gradient (see :class:`._guard.Item`)."""
+        plain, curved = [], []
+        for j, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise TypeError(
+                    f"{type(self).__name__}: {param_label(group, index, j)} has a sparse "
+                    "gradient; sparse gradients are not supported"
+                )
+            manifold = manifold_of(param, group)
+            kind = _KINDS.get(type(manifold))
+            if kind is None:
+                kind = _kind(manifold)
+            if _DTensor is not None and isinstance(param, _DTensor):
+                item = Item(param, param.to_local(), grad.to_local(), manifold, kind, j)
+            else:
+                item = Item(param, param, grad, manifold, kind, j)
+            (plain if kind == PLAIN else curved).append(item)
+        return index, group, plain, curved
 
     def _step_manifold(self, group: dict[str, Any], items: list[Item], choice: str) -> None:
+        """Step the group's manifold parameters that have a gradient (subclasses)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _step_manifold")
 
     def _gradients(self, group: dict[str, Any], items: list[Item]) -> list[torch.Tensor]:
@@ -259,14 +288,15 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         orthogonality term, computed on the whole weight (all-gathered for a DTensor) in
         the working dtype and cut back to this rank's rows."""
         omega = group["omega"]
-        if omega == 0:
-            return [local(item.grad) for item in items]
         out = []
         for item in items:
+            if omega == 0:
+                out.append(item.grad)
+                continue
             dtype = working_dtype(item.param.dtype)
             full = gathered(item.param).to(dtype)
             term = orthogonality_egrad(full, item.manifold.ndim, omega)
-            out.append(local(item.grad).to(dtype) + replicated_rows(item.param, term))
+            out.append(item.grad.to(dtype) + replicated_rows(item.param, term))
         return out
 
     def _fused(self, group: dict[str, Any]) -> bool:
@@ -277,8 +307,10 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
 
     def _step_euclidean(self, group: dict[str, Any], items: list[Item]) -> None:
         """Plain parameters: ``torch.optim.SGD`` or ``torch.optim.Adam`` exactly."""
-        params = [item.param for item in items]
-        grads = [item.grad for item in items]
+        params, grads = [], []
+        for item in items:  # whole (DTensor) parameters: torch's rules handle them
+            params.append(item.param)
+            grads.append(item.param.grad)
         if group["euclidean"] == "sgd":
             momentum = sgd_momentum(group)
             buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum else []

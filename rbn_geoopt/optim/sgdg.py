@@ -154,19 +154,20 @@ class SGDG(RiemannianOptimizer):
 
     def _step_manifold(self, group: dict[str, Any], items: list[Item], choice: str) -> None:
         momentum = sgd_momentum(group)
-        buffers = None
-        if momentum != 0:
-            buffers = []
-            for item in items:
+        params, manifolds, buffers = [], [], [] if momentum != 0 else None
+        for item in items:
+            params.append(item.point)
+            manifolds.append(item.manifold)
+            if buffers is not None:
                 state = self.state[item.param]
                 if state.get("momentum_buffer") is None:
                     state = self._init_state(item.param, item.manifold)
                 buffers.append(local(state["momentum_buffer"]))
         sgdg(
-            [local(item.param) for item in items],
+            params,
             self._gradients(group, items),
             buffers,
-            [item.manifold for item in items],
+            manifolds,
             lr=group["lr"],
             momentum=momentum,
             weight_decay=group["weight_decay"],
@@ -198,31 +199,25 @@ def sgdg(
     are trusted: :class:`SGDG` has validated them.
     """
     taus = momentum_buffers if momentum_buffers is not None else [None] * len(params)
-    single, batch = [], []
-    for i, (param, manifold) in enumerate(zip(params, manifolds, strict=True)):
-        (batch if fused and fused_kernel_steps(param, manifold) else single).append(i)
-    if batch:
-        _fused_sgdg(
-            [params[i] for i in batch],
-            [grads[i] for i in batch],
-            [taus[i] for i in batch],
-            [manifolds[i] for i in batch],
-            lr=lr,
-            momentum=momentum,
-            grad_clip=grad_clip,
-            choice=choice,
-        )
-    for i in single:
-        _single_tensor_sgdg(
-            params[i],
-            grads[i],
-            taus[i],
-            manifolds[i],
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-        )
+    batch: tuple[list, list, list, list] = ([], [], [], [])  # y, g, tau, n: one fused call
+    for param, grad, tau, manifold in zip(params, grads, taus, manifolds, strict=True):
+        if fused and fused_kernel_steps(param, manifold):
+            n = math.prod(param.shape[param.dim() - manifold.ndim :])
+            for column, value in zip(batch, (param, grad.to(param.dtype), tau, n), strict=True):
+                column.append(value)
+        else:
+            _single_tensor_sgdg(
+                param,
+                grad,
+                tau,
+                manifold,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                grad_clip=grad_clip,
+            )
+    if batch[0]:
+        _fused_sgdg(*batch, lr=lr, momentum=momentum, grad_clip=grad_clip, choice=choice)
 
 
 def _single_tensor_sgdg(
@@ -257,21 +252,14 @@ def _fused_sgdg(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     taus: list[torch.Tensor | None],
-    manifolds: list[Manifold],
+    sizes: list[int],
     *,
     lr: float,
     momentum: float,
     grad_clip: float | None,
     choice: str,
 ) -> None:
-    """Every parameter in one call of the fused per-row kernel (module docstring)."""
-    _fused.sgdg_(
-        params,
-        [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads, strict=True)],
-        taus,
-        [math.prod(p.shape[p.dim() - m.ndim :]) for p, m in zip(params, manifolds, strict=True)],
-        lr=lr,
-        momentum=momentum,
-        nu=math.inf if grad_clip is None else grad_clip,
-        choice=choice,
-    )
+    """Every parameter (points of G(1, sizes[i]) in rows) in one call of the fused per-row
+    kernel (module docstring)."""
+    nu = math.inf if grad_clip is None else grad_clip
+    _fused.sgdg_(params, grads, taus, sizes, lr=lr, momentum=momentum, nu=nu, choice=choice)

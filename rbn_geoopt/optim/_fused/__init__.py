@@ -18,11 +18,11 @@ cannot be used), ``=auto`` (the default) picks per tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
-from torch.autograd.graph import increment_version
 
 from . import torch_twin
 
@@ -63,9 +63,10 @@ def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
         if t is not None and not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
             ok = False
     if not ok and choice == "c":
+        found = [(t.device.type, t.dtype) for t in tensors if t is not None]
         raise ValueError(
             f"{ENV_VAR}=c: the C kernel takes CPU C-contiguous float32/float64 tensors of one "
-            f"dtype, got {[(t.device.type, t.dtype) for t in tensors if t is not None]}"
+            f"dtype, got {found}"
         )
     return ok
 
@@ -76,38 +77,21 @@ def _nthreads(numel: int, rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows))
 
 
-def _written(*tensors: torch.Tensor | None) -> None:
+def _written(tensors: list[torch.Tensor | None]) -> None:
     """Bump the autograd version counters of tensors the C kernel wrote through pointers,
     so that autograd still detects a step taken between a forward and its backward."""
-    for t in tensors:
-        if t is not None:
-            increment_version(t)
+    torch._C._increment_version([t for t in tensors if t is not None])
 
 
-class _Batch:
-    """The C jobs of one call, by dtype, with their total size (for the thread count)."""
-
-    def __init__(self) -> None:
-        self.jobs: dict[torch.dtype, list[tuple]] = {}
-        self.written: list[torch.Tensor | None] = []
-        self.numel = self.rows = 0
-
-    def add(self, dtype: torch.dtype, job: tuple, rows: int, n: int, *written) -> None:
-        self.jobs.setdefault(dtype, []).append(job)
-        self.written += written
-        self.numel += rows * n
-        self.rows += rows
-
-    def run(self, kernel: str, *args: float) -> list[int]:
-        """``_crows.<kernel>(jobs, dtype code, *args, snap, threads)`` once per dtype;
-        returns the first bad row of every job (-1: none)."""
-        bad: list[int] = []
-        threads = _nthreads(self.numel, self.rows)
-        call = getattr(_crows, kernel)
-        for dtype, jobs in self.jobs.items():
-            bad += call(jobs, _C_DTYPES[dtype], *args, torch_twin.snap(dtype), threads)
-        _written(*self.written)
-        return bad
+def _run_c(kernel: str, jobs: dict[torch.dtype, list[tuple]], numel: int, rows: int, *args):
+    """``_crows.<kernel>(jobs, dtype code, *args, snap, threads)`` once per dtype; returns
+    the first bad row of every job (-1: none)."""
+    bad: list[int] = []
+    threads = _nthreads(numel, rows)
+    call = getattr(_crows, kernel)
+    for dtype, items in jobs.items():
+        bad += call(items, _C_DTYPES[dtype], *args, torch_twin.snap(dtype), threads)
+    return bad
 
 
 def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -131,7 +115,7 @@ def _first(mask: torch.Tensor) -> int:
 def _unstepped(bad: list[int]) -> None:
     """The guard refuses every row a kernel cannot step, so a flagged row means it was
     bypassed; such rows were left unchanged: say so rather than go on silently."""
-    if any(b >= 0 for b in bad):
+    if bad and max(bad) >= 0:
         raise ValueError(
             "a zero or non-finite point, or a non-finite gradient, reached the fused kernel "
             "(the step guard was bypassed); those rows were left unchanged"
@@ -141,62 +125,63 @@ def _unstepped(bad: list[int]) -> None:
 def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: str) -> None:
     """One SGD-G step of every ``(ys[i], gs[i], taus[i])``, points of G(1, ns[i]) in rows
     (``taus[i]`` None without momentum), in place: :func:`.torch_twin.sgdg_rows_` per row."""
-    batch, bad = _Batch(), []
+    jobs: dict[torch.dtype, list[tuple]] = {}
+    written, bad = [], []
+    numel = rows = 0
     for y, g, tau, n in zip(ys, gs, taus, ns, strict=True):
-        if y.numel() == 0:
+        count = y.numel() // n
+        if count == 0:
             continue
         if c_ok(choice, y, g, tau):
-            rows = y.numel() // n
-            job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), rows, n)
-            batch.add(y.dtype, job, rows, n, y, tau)
+            job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), count, n)
+            jobs.setdefault(y.dtype, []).append(job)
+            written += (y, tau)
+            numel, rows = numel + count * n, rows + count
             continue
         yr, gr, tr = _rows(y, n), _rows(g, n), _rows(tau, n)
         bad.append(_first(torch_twin.sgdg_rows_(yr, gr, tr, lr=lr, momentum=momentum, nu=nu)))
         _write_back(y, yr)
         _write_back(tau, tr)
-    if batch.jobs:
-        bad += batch.run("sgdg_many", lr, momentum, nu)
+    if jobs:
+        bad += _run_c("sgdg_many", jobs, numel, rows, lr, momentum, nu)
+        _written(written)
     _unstepped(bad)
 
 
 def adamg_(
-    ys,
-    gs,
-    ms,
-    vs,
-    ns,
-    step_sizes,
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    nu: float,
+    ys, gs, ms, vs, ns, step_sizes, *, beta1: float, beta2: float, eps: float, nu: float,
     choice: str,
-) -> None:
+) -> None:  # fmt: skip
     """One Adam-G step of every ``(ys[i], gs[i], ms[i], vs[i])`` (``vs[i]``: one second
     moment per row) with ``step_sizes[i] = lr sqrt(1 - beta2^k) / (1 - beta1^k)``, in place:
     :func:`.torch_twin.adamg_rows_` per row."""
-    batch, bad = _Batch(), []
+    jobs: dict[torch.dtype, list[tuple]] = {}
+    written, bad = [], []
+    numel = rows = 0
     for y, g, m, v, n, step_size in zip(ys, gs, ms, vs, ns, step_sizes, strict=True):
-        if y.numel() == 0:
+        count = y.numel() // n
+        if count == 0:
             continue
         if c_ok(choice, y, g, m, v):
-            rows = y.numel() // n
-            job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), rows, n, step_size)
-            batch.add(y.dtype, job, rows, n, y, m, v)
+            job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), count, n, step_size)
+            jobs.setdefault(y.dtype, []).append(job)
+            written += (y, m, v)
+            numel, rows = numel + count * n, rows + count
             continue
         yr, gr, mr, vr = _rows(y, n), _rows(g, n), _rows(m, n), _rows(v, 1)
         mask = torch_twin.adamg_rows_(
             yr, gr, mr, vr, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, nu=nu
         )
         bad.append(_first(mask))
-        for t, rows in ((y, yr), (m, mr), (v, vr)):
-            _write_back(t, rows)
-    if batch.jobs:
-        bad += batch.run("adamg_many", beta1, beta2, eps, nu)
+        for t, t_rows in ((y, yr), (m, mr), (v, vr)):
+            _write_back(t, t_rows)
+    if jobs:
+        bad += _run_c("adamg_many", jobs, numel, rows, beta1, beta2, eps, nu)
+        _written(written)
     _unstepped(bad)
 
 
+@functools.cache
 def limits(dtype: torch.dtype) -> tuple[float, float, float]:
     """``(lo2, hi2, glim2)``: the step guard accepts a row when ``lo2 <= <y,y> <= hi2``,
     ``<g,g> <= hi2`` and ``<g,g> <y,y>^2 <= glim2``, in the working dtype's range:

@@ -40,6 +40,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,6 +52,7 @@ __all__ = ["adamg_rows_", "sgdg_rows_", "snap"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def snap(dtype: torch.dtype) -> float:
     """Tolerance on ``|<y, y> - 1|`` under which a row is written back at norm 1:
     ``sqrt(eps)`` of the parameter's dtype (float32: 3.5e-4, float64: 1.5e-8)."""
