@@ -197,7 +197,14 @@ def adamg(
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         if fused and fused_kernel_steps(param, manifold):
             n = math.prod(param.shape[param.dim() - manifold.ndim :])
-            values = (param, grad.to(param.dtype), exp_avg, exp_avg_sq, n, step_size)
+            values = (
+                param,
+                grad if grad.dtype == param.dtype else grad.to(param.dtype),
+                exp_avg,
+                exp_avg_sq,
+                n,
+                step_size,
+            )
             for column, value in zip(batch, values, strict=True):
                 column.append(value)
         else:

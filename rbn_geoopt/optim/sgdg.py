@@ -203,7 +203,11 @@ def sgdg(
     for param, grad, tau, manifold in zip(params, grads, taus, manifolds, strict=True):
         if fused and fused_kernel_steps(param, manifold):
             n = math.prod(param.shape[param.dim() - manifold.ndim :])
-            for column, value in zip(batch, (param, grad.to(param.dtype), tau, n), strict=True):
+            for column, value in zip(
+                batch,
+                (param, grad if grad.dtype == param.dtype else grad.to(param.dtype), tau, n),
+                strict=True,
+            ):
                 column.append(value)
         else:
             _single_tensor_sgdg(

@@ -59,9 +59,11 @@ def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
         return False
     dtype = tensors[0].dtype
     ok = _crows is not None and dtype in _C_DTYPES
-    for t in tensors:
-        if t is not None and not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
-            ok = False
+    if ok:
+        for t in tensors:
+            if t is not None and not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+                ok = False
+                break
     if not ok and choice == "c":
         found = [(t.device.type, t.dtype) for t in tensors if t is not None]
         raise ValueError(
