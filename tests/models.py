@@ -3,7 +3,8 @@
 Every model takes ``bn_eps`` so the output-preservation tests can make BatchNorm's ``eps``
 negligible, and builds in the default dtype (tests call ``.double()``). ``EXPECTED`` lists,
 for each model, the exact set of weights ``to_grassmann`` must convert by default (fan-out <
-fan-in, scale invariant, not tied) -- worked out by hand from DESIGN.md section 4.
+fan-in, scale invariant, not tied) -- worked out by hand from docs/design.md, "Which
+weights are scale invariant".
 """
 
 from __future__ import annotations

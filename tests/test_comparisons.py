@@ -598,3 +598,13 @@ def test_state_bytes_counts_every_state_tensor():
     assert study_c.state_bytes(adam) == 0
     adam.step()
     assert study_c.state_bytes(adam) == 2 * 10 * 4 + 4  # exp_avg, exp_avg_sq, step (float32)
+
+
+def test_step_benchmark_smoke_and_python_call_budget():
+    """The step benchmark runs (no timing is asserted); one step on one Grassmann1
+    parameter stays within 60 Python calls (a count, not a time: deterministic)."""
+    from comparisons import bench
+
+    out = bench.main(["--quick"])
+    assert out["python_calls"]["SGDG"] <= 60 and out["python_calls"]["AdamG"] <= 60
+    assert all(ratio > 0 for ratio in out["small"].values())

@@ -1,4 +1,5 @@
-"""Grassmann1 from its specification (DESIGN.md §2): invariances, consistency, numerics, input.
+"""Grassmann1 from its specification (docs/design.md, "The manifold Grassmann1"):
+invariances, consistency, numerics, input.
 
 References here are closed forms on UNIT representatives computed in float64; every
 operator is then called on rescaled representatives ``a * y`` (``a`` of either sign,
@@ -46,14 +47,15 @@ def horizontal(y: torch.Tensor, ndim: int, gen: torch.Generator, length=1.0) -> 
 
 
 def ref_expmap(y, u, ndim):
-    """Unit y, horizontal u: y cos|u| + u/|u| sin|u| (DESIGN.md §2)."""
+    """Unit y, horizontal u: y cos|u| + u/|u| sin|u| (docs/design.md, "The manifold Grassmann1")."""
     t = enorm(u, ndim)
     e = torch.where(t > 0, u / t.clamp_min(1e-300), torch.zeros_like(u))
     return y * torch.cos(t) + e * torch.sin(t)
 
 
 def ref_transp_follow(y, u, v, ndim):
-    """Unit y: v + <e, v>((cos t - 1) e - sin t y), e = u/|u|, t = |u| (DESIGN.md §2)."""
+    """Unit y: v + <e, v>((cos t - 1) e - sin t y), e = u/|u|, t = |u|
+    (docs/design.md, "The manifold Grassmann1")."""
     t = enorm(u, ndim)
     e = torch.where(t > 0, u / t.clamp_min(1e-300), torch.zeros_like(u))
     return v + dot(e, v, ndim) * ((torch.cos(t) - 1) * e - torch.sin(t) * y)

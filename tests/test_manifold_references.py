@@ -1,4 +1,5 @@
-"""Grassmann1 against independent references (DESIGN.md §2), all in float64.
+"""Grassmann1 against independent references (docs/design.md, "The manifold Grassmann1"),
+all in float64.
 
 * pymanopt ``Sphere`` and ``Grassmann(n, 1)`` (numpy): exp, log, dist, projection,
   Riemannian gradient and Hessian, on unit AND non-unit representatives of either sign;
@@ -7,8 +8,9 @@
   (error ~ 1/N);
 * ``dist`` of points 1e-11 apart against mpmath at 50 digits, where geoopt's ``acos`` fails.
 
-Lift rule used throughout (DESIGN.md §2): the tangent vector ``v`` at the unit point ``y``
-is represented by ``a * v`` at ``a * y``; the metric is ``<u, v> / <y, y>``.
+Lift rule used throughout (docs/design.md, "The manifold Grassmann1"): the tangent vector
+``v`` at the unit point ``y`` is represented by ``a * v`` at ``a * y``; the metric is
+``<u, v> / <y, y>``.
 """
 
 import math

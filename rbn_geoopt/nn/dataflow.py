@@ -3,7 +3,8 @@
 Row ``i`` of a conv/linear weight ``W`` is scale invariant when every path from output
 channel ``i`` reaches a BatchNorm channel through operations ``f`` with ``f(a z) = a f(z)``
 (``a > 0``, channel by channel) and nothing is added to or multiplied into it on the way
-(DESIGN.md section 4). Then ``BN(layer_{a W}(x)) == BN(layer_W(x))`` for every per-row scale
+(docs/design.md, "Which weights are scale invariant"). Then
+``BN(layer_{a W}(x)) == BN(layer_W(x))`` for every per-row scale
 ``a > 0``, and the rows are points of G(1, n). A bias that feeds the BatchNorm directly is
 removed by the BN mean; a bias followed by ReLU is not.
 
