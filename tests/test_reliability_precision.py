@@ -62,6 +62,8 @@ def _data():
 def _net(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():  # unit rows, as in the paper (to_grassmann keeps rows as they are)
+        net[0].weight.copy_(F.normalize(net[0].weight, dim=1))
     assert to_grassmann(net) == ["0.weight"]
     return net.to(dtype)
 

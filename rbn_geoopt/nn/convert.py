@@ -1,12 +1,19 @@
 """Move a model's scale-invariant weights onto G(1, n), in place, keeping its outputs.
 
 Each chosen weight ``W`` (``p`` rows of length ``n``) becomes
-``geoopt.ManifoldParameter(W / r, manifold=Grassmann1(ndim=W.dim() - 1))`` with
-``r_i = |row i|``. So that the model computes the same function in train AND eval mode, the
-layer's bias is divided by ``r`` too (the whole output channel ``i`` is then ``1 / r_i`` times
-the old one, exactly), and every BatchNorm channel fed by row ``i`` gets
-``running_mean / r_i`` and ``running_var / r_i**2``; outputs then agree up to BatchNorm's
-``eps`` (``sqrt(v / r^2 + eps)`` versus ``sqrt(v + eps) / r``).
+``geoopt.ManifoldParameter(W, manifold=Grassmann1(ndim=W.dim() - 1))``: the SAME values
+(same dtype, device, memory layout and ``requires_grad``), every row kept as it is. Nothing
+else is touched -- no bias, no BatchNorm running statistic -- so the model computes exactly
+the same outputs, bit for bit, in train and eval mode, whatever the layers' ``eps``.
+``Grassmann1`` takes any non-zero row as a representative of its line, and SGD-G / Adam-G
+step each point keeping its norm (docs/design.md, "Settled choices" (a)): rows that start
+unit stay unit (the paper), the rows of a trained model keep their trained lengths.
+
+A row is converted only if the optimizers can step it: its norm (computed in float64,
+scaled by the row's largest entry, so it neither overflows nor underflows) must lie in the
+range of the step guard, :func:`rbn_geoopt.optim._fused.limits` (float32: 3.3e-10 to
+4.6e18, float64: 1.2e-77 to 3.4e153); otherwise ``to_grassmann`` raises ValueError naming
+the weight, the row and its norm before anything changes.
 
 >>> import torch.nn as nn
 >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
@@ -28,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..manifold import Grassmann1
+from ..optim._fused import limits
 from ._trace import UntraceableModelError
 from .dataflow import Finding, Plan, _manifold_name, analyse, is_grassmann1
 
@@ -63,17 +71,46 @@ def _canonical(model: nn.Module, names: list[str], what: str) -> list[str]:
 
 
 def _fallback_plan(model: nn.Module, name: str) -> Plan:
-    """Plan for a named weight without a traced graph: rows and the layer's bias only."""
+    """Plan for a named weight without a traced graph: the places it lives under."""
     param = model.get_parameter(name)
-    places, biases = [], []
+    places = []
     for alias, p in model.named_parameters(remove_duplicate=False):
         if p is param:
             prefix, _, attr = alias.rpartition(".")
-            module = model.get_submodule(prefix)
-            places.append((module, attr))
-            if attr == "weight" and type(module) in _ROW_LAYERS and module.bias is not None:
-                biases.append(module.bias)
-    return Plan(param, places, biases, None)
+            places.append((model.get_submodule(prefix), attr))
+    return Plan(param, places)
+
+
+def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``|row|`` of each (finite, non-zero) row, in float64 and scaled by the row's largest
+    entry, so that neither the squares nor their sum overflow or underflow.
+
+    >>> _row_norms(torch.tensor([[3e-30, 4e-30], [3e30, 4e30]], dtype=torch.float32))
+    tensor([5.0000e-30, 5.0000e+30], dtype=torch.float64)
+    """
+    rows = rows.detach().to(torch.float64)
+    scale = rows.abs().amax(dim=1, keepdim=True)
+    return scale.squeeze(1) * torch.linalg.vector_norm(rows / scale, dim=1)
+
+
+def _check_range(where: str, name: str, rows: torch.Tensor) -> None:
+    """Refuse a row the optimizers could not step: its norm outside the step guard's range
+    (the same :func:`rbn_geoopt.optim._fused.limits` the guard reads)."""
+    lo2, hi2, _ = limits(rows.dtype)
+    low, high = lo2**0.5, hi2**0.5
+    norms = _row_norms(rows)
+    bad = ~((norms >= low) & (norms <= high))
+    if not bool(bad.any()):
+        return
+    row = int(bad.nonzero()[0, 0])
+    norm = float(norms[row])
+    side = "below the smallest" if norm < low else "above the largest"
+    raise ValueError(
+        f"{where}: row {row} has norm {norm:.3g}, {side} norm SGDG/AdamG can step "
+        f"({rows.dtype}: {low:.2g} to {high:.2g}); nothing was converted. Rescale that "
+        f"layer's weight (with its bias and the BatchNorm statistics it feeds), convert the "
+        f"model to float64 first, or exclude=['{name}']"
+    )
 
 
 def _check_weight(name: str, param: torch.Tensor) -> None:
@@ -102,30 +139,16 @@ def _check_weight(name: str, param: torch.Tensor) -> None:
             f"{where}: row {row} is zero; a zero weight vector is no point of G(1,n) "
             f"(re-initialise it, or exclude=['{name}'])"
         )
+    _check_range(where, name, rows)
 
 
 @torch.no_grad()
-def _convert(plan: Plan) -> None:
-    w = plan.param
-    work = torch.float64 if w.dtype == torch.float64 else torch.float32
-    rows = w.detach().reshape(w.shape[0], -1).to(work)
-    r = torch.linalg.vector_norm(rows, dim=1)
-    unit = (rows / r[:, None]).reshape(w.shape).to(w.dtype)
-    new = geoopt.ManifoldParameter(
-        unit, manifold=Grassmann1(ndim=w.dim() - 1), requires_grad=w.requires_grad
+def _new_parameter(w: torch.Tensor) -> geoopt.ManifoldParameter:
+    """The G(1, n) parameter holding exactly ``w``'s values (a copy: same dtype, device,
+    strides and requires_grad; the old parameter object is left as it was)."""
+    return geoopt.ManifoldParameter(
+        w.detach().clone(), manifold=Grassmann1(ndim=w.dim() - 1), requires_grad=w.requires_grad
     )
-    for bias in plan.biases:
-        bias.div_(r.to(device=bias.device, dtype=bias.dtype))
-    for bn, rows_of in plan.batchnorms or ():
-        if bn.running_mean is None:
-            continue
-        fed = rows_of >= 0
-        scale = torch.ones(rows_of.shape, dtype=work)
-        scale[fed] = r.cpu()[rows_of[fed]]
-        bn.running_mean.div_(scale.to(bn.running_mean))
-        bn.running_var.div_(scale.square().to(bn.running_var))
-    for module, attr in plan.places:
-        setattr(module, attr, new)
 
 
 def _selection(
@@ -156,26 +179,43 @@ def to_grassmann(
     tied, and -- as in the paper -- its fan-out is smaller than its fan-in (``p < n``;
     ``all_shapes=True`` drops that last condition). ``exclude`` removes names from that
     choice; ``include`` adds names whatever the analysis says (tied weights, transposed
-    convolutions, the paper's by-name choices; a warning says when such a weight is not scale
-    invariant, and then the outputs change). ``detect=False`` converts only ``include``
-    and, when the model cannot be traced, skips the analysis (BatchNorm running statistics
-    are then not rescaled: a warning says so). ``example_inputs`` and ``leaf_modules``: as in
-    :func:`find_scale_invariant`.
+    convolutions, the paper's by-name choices; a warning says when such a weight is not
+    scale invariant: the optimizers keep each row's norm, so training can no longer change
+    what that norm did). ``detect=False`` converts only ``include`` and, when the model
+    cannot be traced, skips the analysis (a warning says that scale invariance was not
+    checked). ``example_inputs`` and ``leaf_modules``: as in :func:`find_scale_invariant`.
 
     Each chosen weight becomes a ``geoopt.ManifoldParameter`` on
-    ``Grassmann1(ndim=w.dim() - 1)`` with unit rows (same device, dtype, requires_grad),
-    replacing the parameter under all its names; the bias and the BatchNorm running
-    statistics are rescaled so that the outputs agree with the old ones in train and eval
-    mode up to BatchNorm's ``eps``. Build the optimizer AFTER converting.
+    ``Grassmann1(ndim=w.dim() - 1)`` holding the SAME values (every row as it is; same
+    device, dtype, strides, requires_grad), replacing the parameter under all its names.
+    Biases and BatchNorm running statistics are not touched, so the outputs equal the old
+    ones bit for bit, in train and eval mode, whatever BatchNorm's ``eps``; SGD-G and Adam-G
+    then step each row keeping its norm. Build the optimizer AFTER converting.
 
     Everything is checked first, then converted: when a ValueError / TypeError is raised
-    nothing has changed. A zero row raises ValueError naming the weight and the row.
+    nothing has changed. ValueError names the weight and the row for a zero row, a NaN/Inf
+    row, and a row whose norm lies outside the range the optimizers can step (float32:
+    3.3e-10 to 4.6e18, float64: 1.2e-77 to 3.4e153; norms computed without overflow).
 
     Returns the names (as in ``named_parameters()``) of ALL Grassmann1 parameters of the
     model after the call. Idempotent: weights already on Grassmann1 are recognised, left
     untouched, and listed again, so a second call changes nothing and returns the same list.
     When the list is empty a warning says why and the model is untouched.
 
+    >>> import torch
+    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    >>> old = net[0].weight.detach().clone()
+    >>> to_grassmann(net), to_grassmann(net)
+    (['0.weight'], ['0.weight'])
+    >>> torch.equal(net[0].weight, old)  # the rows are kept as they are
+    True
+    >>> lin = nn.Linear(8, 4)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight[2].fill_(1e-30)  # float32: too small for a step
+    >>> to_grassmann(nn.Sequential(lin, nn.BatchNorm1d(4)))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: to_grassmann: '0.weight': row 2 has norm 2.83e-30, below the smallest ...
     >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     >>> to_grassmann(net), to_grassmann(net)
     (['0.weight'], ['0.weight'])
@@ -208,26 +248,30 @@ def to_grassmann(
             continue
         _check_weight(name, param)
         todo.append((name, plans.get(name) or _fallback_plan(model, name)))
-    for name, plan in todo:
+    for name, _ in todo:
         if name not in include:
             continue
         finding = findings.get(name)
         if finding is None:
             warnings.warn(
                 f"to_grassmann: '{name}' converted without dataflow analysis (model not traced): "
-                "the BatchNorm running statistics it feeds were not rescaled, so eval-mode "
-                "outputs change until they are re-estimated",
+                "its scale invariance was not checked. The outputs are kept, but the "
+                "optimizers keep each row's norm, so if the model depends on that norm, "
+                "training can no longer change it",
                 stacklevel=2,
             )
         elif not finding.invariant:
-            effect = "its outputs are kept" if plan.batchnorms else "the model's outputs change"
             warnings.warn(
                 f"to_grassmann: '{name}' is not scale invariant ({finding.reason}); converted "
-                f"because it is in include ({effect})",
+                "because it is in include. The outputs are kept, but the optimizers keep each "
+                "row's norm, so training can no longer change what that norm does",
                 stacklevel=2,
             )
-    for _, plan in todo:
-        _convert(plan)
+    # every new parameter is made before any is put in place
+    new = [(plan, _new_parameter(plan.param)) for _, plan in todo]
+    for plan, param in new:
+        for module, attr in plan.places:
+            setattr(module, attr, param)
     result = [n for n, p in model.named_parameters() if is_grassmann1(p)]
     if not result:
         skipped = [f.name for f in findings.values() if f.invariant and not f.selected(all_shapes)]
