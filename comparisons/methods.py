@@ -19,11 +19,13 @@ parameters are stepped:
 ``adam``   Adam                torch Adam, lr 1e-3, no weight decay
 =============================  =============================================================
 
-The four geoopt methods use the same rows, the same learning rates, the same per-row
-gradient clipping and the same orthogonality term as SGD-G/Adam-G (applied by
-:class:`SphereHook` before the step), and the same Nesterov SGD for the other parameters,
-so that the only difference is the geometry of the update: geoopt's projection transport
-and (for ``Sphere``) its normalizing retraction, its ``eps`` outside the square root.
+Every manifold method starts from the same unit rows (:func:`normalise_rows_`: geoopt's
+spheres need them, and ``to_grassmann`` itself keeps rows as they are). The four geoopt
+methods use the same learning rates, the same per-row gradient clipping and the same
+orthogonality term as SGD-G/Adam-G (applied by :class:`SphereHook` before the step), and
+the same Nesterov SGD for the other parameters, so that the only difference is the geometry
+of the update: geoopt's projection transport and (for ``Sphere``) its normalizing
+retraction, its ``eps`` outside the square root.
 
 Example::
 
@@ -44,7 +46,15 @@ from torch.nn.utils import parametrize
 
 from rbn_geoopt.optim import orthogonality_egrad
 
-__all__ = ["METHODS", "Method", "Prepared", "prepare", "grassmann_names", "parse_methods"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "Prepared",
+    "grassmann_names",
+    "normalise_rows_",
+    "parse_methods",
+    "prepare",
+]
 
 #: the paper's fixed hyper-parameters (Cho & Lee 2017, section 5)
 PAPER = {
@@ -210,9 +220,29 @@ def current_weight(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module), attr)
 
 
+@torch.no_grad()
+def normalise_rows_(model: nn.Module, names: list[str]) -> None:
+    """Divide every row of each named weight by its norm, in place.
+
+    Every manifold method of study A starts from these unit rows, so that they start from
+    the same model and differ only in their steps: geoopt's ``Sphere``/``SphereExact`` need
+    unit vectors, and ``to_grassmann`` keeps rows as they are (``Grassmann1`` takes any
+    non-zero representative, SGD-G/Adam-G keep each row's norm), so SGD-G/Adam-G get the
+    same explicit normalisation -- the paper's unit rows, as study A has always had them.
+    The weights feed BatchNorm, so this changes the outputs only through BatchNorm's ``eps``.
+    """
+    for name in names:
+        weight = current_weight(model, name)
+        rows = _rows_of(weight)
+        rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True))
+        if rows.data_ptr() != weight.data_ptr():  # a non-contiguous weight: write back
+            weight.copy_(rows.reshape(weight.shape))
+
+
 def to_sphere(model: nn.Module, names: list[str], manifold: geoopt.Manifold) -> list[nn.Parameter]:
-    """Store each named weight as a ``(out, n)`` ``ManifoldParameter`` on ``manifold`` (unit
-    rows; BN makes the rescaling harmless), reshaped back in the forward pass."""
+    """Store each named weight as a ``(out, n)`` ``ManifoldParameter`` on ``manifold``,
+    reshaped back in the forward pass. geoopt's spheres need unit vectors: the rows are
+    normalised here explicitly, with the same arithmetic as :func:`normalise_rows_`."""
     params = []
     for name in names:
         module_name, attr = _split_name(name)
@@ -220,7 +250,9 @@ def to_sphere(model: nn.Module, names: list[str], manifold: geoopt.Manifold) -> 
         weight = getattr(module, attr)
         parametrize.register_parametrization(module, attr, _Rows(weight.shape))
         holder = module.parametrizations[attr]
-        rows = manifold.projx(holder.original.detach().clone())
+        # geoopt's spheres need unit vectors: normalise explicitly, as normalise_rows_ does
+        rows = holder.original.detach().clone()
+        rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
         holder.original = geoopt.ManifoldParameter(rows, manifold=manifold)
         params.append(holder.original)
     return params
@@ -289,7 +321,8 @@ def _recipe_overrides(rule: str, lrs: dict[str, float]) -> dict:
 
 def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = None) -> Prepared:
     """Build ``method``'s optimizer for ``model`` (changed in place for the manifold
-    methods); ``lrs`` overrides the published learning rates (the sweep)."""
+    methods: their G-weights get the same unit rows, :func:`normalise_rows_` /
+    :func:`to_sphere`); ``lrs`` overrides the published learning rates (the sweep)."""
     lrs = {**method.lrs, **(lrs or {})}
     g_names = grassmann_names(model)
     if method.geometry == "euclidean":
@@ -302,6 +335,7 @@ def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = Non
     if method.geometry == "grassmann":
         from rbn_geoopt.nn import paper_optimizer, to_grassmann
 
+        normalise_rows_(model, g_names)  # the sphere methods' unit rows (to_sphere)
         g_names = list(to_grassmann(model))
         name = "sgdg" if method.rule == "sgd" else "adamg"
         opt = paper_optimizer(model, name, **_recipe_overrides(method.rule, lrs))

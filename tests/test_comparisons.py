@@ -30,7 +30,14 @@ from comparisons.data import (
     read_idx,
     resolve_dir,
 )
-from comparisons.methods import METHODS, PAPER, current_weight, parse_methods, prepare
+from comparisons.methods import (
+    METHODS,
+    PAPER,
+    current_weight,
+    normalise_rows_,
+    parse_methods,
+    prepare,
+)
 from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
 from comparisons.train import lr_drops, row_angles, train_run
 
@@ -424,6 +431,34 @@ def _geodesic(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, 
     return t, e
 
 
+def test_every_manifold_method_starts_from_the_same_unit_rows_and_model():
+    """to_grassmann keeps rows as they are and geoopt's spheres need unit vectors: prepare
+    normalises the G-weights explicitly for every manifold method, so that they all start
+    from the same model (rows, other parameters and outputs bit-identical)."""
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    starts = {}
+    for key, method in METHODS.items():
+        if method.geometry == "euclidean":
+            continue
+        torch.manual_seed(3)
+        raw = VGGNet((4, 8, 8, 8)).double()
+        prepared = prepare(method, raw)
+        rows = {}
+        for name in prepared.g_names:
+            w = current_weight(prepared.model, name).detach()
+            norms = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+            torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-15)
+            rows[name] = w.clone()
+        prepared.model.eval()
+        starts[key] = (rows, prepared.model(x))
+    first = starts["sgdg"]
+    for key, (rows, out) in starts.items():
+        assert list(rows) == list(first[0]), key
+        for name in rows:
+            assert torch.equal(rows[name], first[0][name]), (key, name)
+        assert torch.equal(out, first[1]), key
+
+
 def test_geoopt_sgd_on_sphereexact_takes_the_same_first_step_times_1_9():
     """Same rows, lr, clipping and orthogonality as SGD-G: geoopt's RiemannianSGD moves
     every row along the same geodesic, (1 + momentum) = 1.9 times as far on the first step
@@ -506,6 +541,7 @@ def test_grassmann_methods_are_the_library_recipe_with_decay_on_every_plain_weig
     # the hand-built optimizer of before: G-weights in one group, everything else in another
     from rbn_geoopt.nn import to_grassmann
 
+    normalise_rows_(twin, prepared.g_names)  # study A's common start: unit rows
     g_names = to_grassmann(twin)
     named = dict(twin.named_parameters())
     g_group = {"params": [named[n] for n in g_names], "lr": 0.1, "grad_clip": 0.1, "omega": 0.1}
