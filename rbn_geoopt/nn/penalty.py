@@ -4,8 +4,9 @@
 ``W``, where the rows of ``Yh`` are the unit points ``y_i / |y_i|`` of ``W`` (batch indices
 flattened into rows, each point flattened into a row). It is the term whose gradient the
 optimizers add for ``omega`` (at unit rows, ``2 omega (Y Y^T Y - Y)`` projected on the
-tangent space), so it is the value to log -- or to add to the loss yourself with the
-optimizer's ``omega=0``, which gives the same step.
+tangent space; rows of other norms give the same value and the same step), so it is the
+value to log -- or to add to the loss yourself with the optimizer's ``omega=0``, which gives
+the same step.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def orthogonality_penalty(
 
     ``model_or_params``: a module (its parameters), one tensor or an iterable of tensors;
     tensors that are not on ``Grassmann1`` are skipped (a model without any gives 0).
-    Scale invariant in each row; rows must be non-zero (the optimizers keep them unit).
+    It is computed on the normalised rows ``y_i / |y_i|``, so it is scale invariant in each
+    row and the same for any representative: unit rows (the paper) or the non-unit rows of a
+    converted trained model, whose norms the optimizers keep. Rows must be non-zero.
 
     >>> import geoopt
     >>> from rbn_geoopt import Grassmann1

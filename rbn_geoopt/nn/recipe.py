@@ -12,6 +12,11 @@ Param groups (every value overridable):
   with ``norm_bias_weight_decay = 0``: the paper's code puts parameters whose name contains
   ``'bn'`` or ``'bias'`` in a group with ``--bnDecay`` (default 0).
 
+The G(1, n) rule runs on each row's unit representative (``lr_g``, ``grad_clip`` and
+``omega`` mean the same for a row of any norm) and writes the row back at its own norm: rows
+that start unit stay unit, as in the paper, and the rows of a trained model converted by
+``to_grassmann`` keep their lengths, so fine-tuning starts from the model's own outputs.
+
 Schedule: every learning rate times 0.2 at 30 %, 60 % and 80 % of training (epochs 60, 120,
 160 of 200 in the paper): :func:`paper_scheduler`, one ``MultiStepLR`` on the one optimizer.
 
