@@ -3,8 +3,8 @@
 :func:`trace` turns a model into a ``GraphModule`` whose submodules and parameters are the
 model's own objects (nothing is copied). :func:`propagate_shapes` runs example inputs
 through it once, in eval mode and without gradients, so that every node records its real
-output shape; the model's training flags are restored afterwards and no BatchNorm running
-statistic is touched.
+output shape; the model's training flags and buffers (BatchNorm running statistics) are
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def propagate_shapes(
 ) -> None:
     """Record each node's real output shape (``node.meta['tensor_meta']``)."""
     flags = [(m, m.training) for m in model.modules()]
+    # a graph traced in train mode updates BatchNorm statistics whatever the flags say (a
+    # traced-into BatchNorm subclass calls F.batch_norm(training=True) and add_(1)): keep
+    # a copy of every buffer and put it back
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     model.eval()
     try:
         with torch.no_grad():
@@ -81,6 +85,9 @@ def propagate_shapes(
     finally:
         for module, training in flags:
             module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 def node_shape(node: torch.fx.Node) -> tuple[int, ...] | None:

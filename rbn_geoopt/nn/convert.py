@@ -176,9 +176,9 @@ def to_grassmann(
     untouched, and listed again, so a second call changes nothing and returns the same list.
     When the list is empty a warning says why and the model is untouched.
 
-    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     >>> to_grassmann(net), to_grassmann(net)
-    (['0.weight'], ['0.weight'])
+    (['1.weight'], ['1.weight'])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_grassmann: expected an nn.Module, got {type(model).__name__}")
