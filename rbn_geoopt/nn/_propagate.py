@@ -8,7 +8,9 @@ with it). Any blocking node stops the walk with a reason (:class:`._ops.Blocked`
 
 Without recorded shapes (no ``example_inputs``) the ids are *collapsed*: size 1 on every
 dimension but the channel one, a k-d convolution's output is taken as batched
-``(1, C, 1, ..., 1)`` and a linear output as ``(1, C)``; channel counts of other tensors
+``(1, C, 1, ..., 1)`` and a linear output as ``(1, ..., 1, C)`` with the rank of its input,
+from :mod:`._rank` (the caller refuses a linear whose rank the graph does not fix); a frozen
+BatchNorm (running statistics) is an affine map and blocks; channel counts of other tensors
 entering a concatenation come from layer attributes (:meth:`Propagation.static_channels`).
 """
 

@@ -357,15 +357,31 @@ def find_scale_invariant(
     Traces the model with torch.fx and follows every conv/linear weight's output rows
     through the graph. Keys are parameter names as in ``model.named_parameters()``.
 
-    Without ``example_inputs`` the analysis is structural: layouts are the standard ones
-    (batched conv outputs, 2-D inputs to a Linear that feeds a BatchNorm1d), and a
-    reshape/flatten is accepted only when the BatchNorm's channel count proves it keeps the
-    channels. With ``example_inputs`` (a tensor or a tuple of forward arguments; run once in
-    eval mode under ``no_grad``) every layout is checked on the real shapes.
+    A BatchNorm counts when it normalises with batch statistics: any ``_BatchNorm``
+    subclass in training mode or without running statistics, or ``F.batch_norm`` with
+    ``training=True``; a frozen one (eval mode, running statistics) is an affine map and
+    blocks. A model in eval mode is analysed as ``model.train()`` will run it, with a
+    ``UserWarning``. A ``torch.compile``'d model is analysed through ``_orig_mod``.
+
+    The analysis assumes batched inputs (a k-d conv output has ``k + 2`` dims, channel at
+    dim 1). Without ``example_inputs`` it is structural: a Linear puts its rows on the LAST
+    dim, so it counts only when the graph proves its input rank (``nn.Flatten()``,
+    ``x.flatten(1)``, ``x.view(n, -1)`` ... before it; a 3-D ``(N, C, L)`` input to
+    ``Linear -> BatchNorm1d`` is not invariant, BatchNorm1d normalising dim 1); otherwise
+    the reason says to pass ``example_inputs``. A reshape/flatten is accepted only when the
+    BatchNorm's channel count proves it keeps the channels. With ``example_inputs`` (a
+    tensor or a tuple of forward arguments; run once in eval mode under ``no_grad``, flags
+    and buffers restored) every layout is checked on the real shapes.
     ``leaf_modules``: names of submodules to keep opaque (not traced into; their outputs
     block), for models with an untraceable part.
 
     Raises :class:`UntraceableModelError` when torch.fx cannot trace the model.
+
+    >>> bare = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+    >>> find_scale_invariant(bare)["0.weight"].invariant
+    False
+    >>> find_scale_invariant(bare, example_inputs=torch.randn(2, 8))["0.weight"].invariant
+    True
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     >>> print(find_scale_invariant(net)["1.weight"])
