@@ -216,8 +216,9 @@ def test_model_in_eval_mode_is_analysed_as_trained_with_a_warning():
     model.eval()
     before = copy.deepcopy(model.state_dict())
     for kwargs in ({}, {"example_inputs": x}):
-        with pytest.warns(UserWarning, match="eval mode: analysed as model.train"):
+        with pytest.warns(UserWarning, match="eval mode: analysed as model.train") as record:
             findings = find_scale_invariant(model, **kwargs)
+        assert record[0].filename == __file__  # points at the caller
         assert findings["0.weight"].invariant and findings["3.weight"].invariant
         assert not any(m.training for m in model.modules())  # still in eval mode
         for key, value in model.state_dict().items():

@@ -204,7 +204,7 @@ def _as_trained(model: nn.Module) -> Iterator[None]:
         "BatchNorm normalising with batch statistics; to keep some BatchNorms frozen (affine "
         "maps), call model.train() and then .eval() on those BatchNorms before the analysis",
         UserWarning,
-        stacklevel=4,
+        stacklevel=5,  # _as_trained, contextlib, analyse, the public function, the caller
     )
     flags = [(m, m.training) for m in model.modules()]
     model.train()
