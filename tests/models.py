@@ -149,7 +149,8 @@ class MLP(nn.Module):
         self.head = nn.Linear(sizes[2], sizes[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.fc1(x)))
+        # flatten(1): the graph then proves that fc1 sees 2-D inputs (issue 12, item 5)
+        x = F.relu(self.bn1(self.fc1(x.flatten(1))))
         x = F.leaky_relu(self.bn2(self.fc2(x)), 0.1)
         return self.head(x)
 

@@ -166,7 +166,9 @@ def test_flatten_layouts_need_example_inputs():
     x = torch.randn(5, 3, 4, 4)
     f = find_scale_invariant(M.FlattenToBN())
     assert not f["conv.weight"].invariant and "example_inputs" in f["conv.weight"].reason
-    assert not f["tok.weight"].invariant and "example_inputs" in f["tok.weight"].reason
+    # x.flatten(2) proves the tokens are 3-D: the Linear's rows land on dim -1, the
+    # transpose moves them to the BatchNorm1d channel dim, without example_inputs
+    assert f["tok.weight"].invariant
     f = find_scale_invariant(M.FlattenToBN(), example_inputs=x)
     assert f["conv.weight"].invariant and f["tok.weight"].invariant
 
@@ -211,10 +213,10 @@ class _Wrap(nn.Module):
 
 
 def test_opaque_leaf_module_blocks():
-    model = nn.Sequential(nn.Linear(6, 4), _Wrap(nn.BatchNorm1d(4)))
-    assert find_scale_invariant(model)["0.weight"].batchnorms == ("1.inner",)
-    f = find_scale_invariant(model, leaf_modules=["1"])["0.weight"]
-    assert not f.invariant and "_Wrap '1'" in f.reason
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), _Wrap(nn.BatchNorm1d(4)))
+    assert find_scale_invariant(model)["1.weight"].batchnorms == ("2.inner",)
+    f = find_scale_invariant(model, leaf_modules=["2"])["1.weight"]
+    assert not f.invariant and "_Wrap '2'" in f.reason
     with pytest.raises(ValueError, match="no submodule"):
         find_scale_invariant(model, leaf_modules=["nope"])
 
@@ -225,9 +227,9 @@ def test_untraceable_model_says_how_to_name_weights():
     assert isinstance(info.value, TypeError)
     assert "detect=False" in str(info.value)
     # with the untraceable part kept opaque, the rest can still be analysed
-    wrapped = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), M.Untraceable())
-    f = find_scale_invariant(wrapped, leaf_modules=["2"])
-    assert f["0.weight"].invariant and not f["2.fc.weight"].invariant
+    wrapped = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), M.Untraceable())
+    f = find_scale_invariant(wrapped, leaf_modules=["3"])
+    assert f["1.weight"].invariant and not f["3.fc.weight"].invariant
 
 
 def test_weight_also_used_elsewhere_blocks():

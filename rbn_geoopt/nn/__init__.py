@@ -8,9 +8,9 @@
 * :func:`orthogonality_penalty` -- ``omega / 2 * ||Yh Yh^T - I||_F^2`` as a loss term.
 
 >>> import torch.nn as nn
->>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+>>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
 >>> to_grassmann(net)
-['0.weight']
+['1.weight']
 """
 
 from ._trace import UntraceableModelError

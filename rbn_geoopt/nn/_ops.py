@@ -11,7 +11,10 @@ node is classified here into one of:
   tensor through the op; ``affine_ok`` says whether a per-channel constant (the layer's
   bias) also commutes (max pooling: yes, ReLU: no);
 * :class:`Cat` -- concatenation (DenseNet);
-* :class:`BatchNormOp` -- the end of a path;
+* :class:`BatchNormOp` -- a BatchNorm: the end of a path when it normalises with batch
+  statistics (any ``_BatchNorm`` module in training mode or without running statistics, a
+  functional ``batch_norm`` with ``training=True``); a frozen one (running statistics) is a
+  per-channel affine map and blocks;
 * :class:`ShapeQuery` -- reads only metadata (``x.size(0)``, ``x.shape``): not a data path;
 * :class:`Other` -- anything else (sums, products of tensors, sigmoid, GELU, slicing, the
   model output ...): blocks.
@@ -35,7 +38,6 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 __all__ = [
-    "BATCHNORM_RANKS",
     "Blocked",
     "BatchNormOp",
     "Cat",
@@ -73,8 +75,21 @@ class Cat:
 
 @dataclass(frozen=True)
 class BatchNormOp:
+    """A batch norm call: a ``_BatchNorm`` module (any subclass) or a functional one."""
+
     label: str
-    module: nn.Module
+    #: the name reported in ``Finding.batchnorms`` (module name, or owner of its statistics)
+    name: str
+    #: the number of channels, when known from the module or its parameters
+    channels: int | None
+    #: the input ranks it accepts (None: any rank >= 2)
+    ranks: tuple[int, ...] | None
+    #: normalises with batch statistics (else frozen: an affine map)
+    normalising: bool
+    #: an object with ``running_mean`` / ``running_var`` (the module), or None
+    stats: Any
+    #: identifies the statistics for the "called more than once" check (None: no check)
+    key: int | None
 
 
 @dataclass(frozen=True)
@@ -87,13 +102,7 @@ class Other:
     label: str
 
 
-#: the input ranks each BatchNorm accepts; the channel is always dim 1
-BATCHNORM_RANKS: dict[type, tuple[int, ...]] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-    nn.SyncBatchNorm: (2, 3, 4, 5),
-}
+_BATCHNORM_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 
 # ------------------------------------------------------------------ transforms
 
@@ -358,10 +367,89 @@ def _scale(node: Node, label: str, divide: bool) -> Unary | Other:
     return Other(label)
 
 
+_RANKS: dict[type, tuple[int, ...]] = {}
+
+
+def _accepted_ranks(module: nn.modules.batchnorm._BatchNorm) -> tuple[int, ...]:
+    """The input ranks ``module._check_input_dim`` accepts (BatchNorm1d: (2, 3), 2d: (4,))."""
+    kind = type(module)
+    if kind not in _RANKS:
+        ranks = []
+        for rank in range(1, 7):
+            try:
+                module._check_input_dim(torch.empty((0,) * rank))
+            except Exception:  # a subclass may raise anything for a rank it refuses
+                continue
+            ranks.append(rank)
+        _RANKS[kind] = tuple(ranks)
+    return _RANKS[kind]
+
+
+def _batchnorm_module(node: Node, module: nn.modules.batchnorm._BatchNorm, label: str):
+    """Any ``_BatchNorm`` module; it normalises with batch statistics as torch's forward
+    decides: in training mode, or without running statistics."""
+    normalising = module.training or (module.running_mean is None and module.running_var is None)
+    return BatchNormOp(
+        label=label,
+        name=str(node.target),
+        channels=int(module.num_features),
+        ranks=_accepted_ranks(module),
+        normalising=normalising,
+        stats=module,
+        key=id(module),
+    )
+
+
+class _Stats:
+    """The running statistics a functional batch norm reads (rescaled by the conversion)."""
+
+    def __init__(self, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
+        self.running_mean = running_mean
+        self.running_var = running_var
+
+
+def _batchnorm_function(node: Node, label: str, modules: dict[str, nn.Module]) -> Any:
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, training, ...)`` or
+    ``torch.batch_norm(input, weight, bias, running_mean, running_var, training, ...)``:
+    normalising when ``training`` is the constant True, or with no running statistics."""
+    if node.target is F.batch_norm:
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    else:
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training")
+    args = {n: _arg(node, i, n, False if n == "training" else None) for i, n in enumerate(names)}
+    training = args["training"]
+    if not isinstance(training, bool):
+        return Other(f"{label} (whether it uses batch statistics is decided in forward)")
+    tensors: dict[str, torch.Tensor | None] = {}
+    owner = None
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = args[key]
+        if isinstance(value, Node):
+            if value.op != "get_attr":
+                return Other(f"{label} (its {key} is computed in forward)")
+            prefix, _, attr = str(value.target).rpartition(".")
+            tensors[key] = getattr(modules[prefix], attr)
+            owner = prefix if owner is None else owner
+        else:
+            tensors[key] = value
+    mean, var = tensors["running_mean"], tensors["running_var"]
+    sizes = {int(t.shape[0]) for t in tensors.values() if isinstance(t, torch.Tensor)}
+    stats = _Stats(mean, var) if mean is not None and var is not None else None
+    return BatchNormOp(
+        label=label,
+        name=owner if owner else str(node.name),
+        channels=sizes.pop() if len(sizes) == 1 else None,
+        ranks=None,
+        normalising=training or (mean is None and var is None),
+        stats=stats,
+        key=id(mean) if mean is not None else None,
+    )
+
+
 def _classify_module(node: Node, module: nn.Module, label: str) -> Any:
     kind = type(module)
-    if kind in BATCHNORM_RANKS:
-        return BatchNormOp(label, module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _batchnorm_module(node, module, label)
     if kind in _HOMOGENEOUS_MODULES:
         return Unary(label, _identity, affine_ok=False)
     if kind is nn.Identity:
@@ -385,8 +473,10 @@ def _classify_module(node: Node, module: nn.Module, label: str) -> Any:
     return Other(label)
 
 
-def _classify_function(node: Node, label: str) -> Any:
+def _classify_function(node: Node, label: str, modules: dict[str, nn.Module]) -> Any:
     target = node.target
+    if target in _BATCHNORM_FUNCTIONS:
+        return _batchnorm_function(node, label, modules)
     if target in _HOMOGENEOUS_FUNCTIONS:
         return Unary(label, _identity, affine_ok=False)
     if target in _AFFINE_FUNCTIONS:
@@ -476,7 +566,7 @@ def classify(node: Node, modules: dict[str, nn.Module]) -> Any:
     if node.op == "call_module":
         return _classify_module(node, modules[node.target], label)
     if node.op == "call_function":
-        return _classify_function(node, label)
+        return _classify_function(node, label, modules)
     if node.op == "call_method":
         return _classify_method(node, label)
     return Other(label)

@@ -8,7 +8,9 @@ with it). Any blocking node stops the walk with a reason (:class:`._ops.Blocked`
 
 Without recorded shapes (no ``example_inputs``) the ids are *collapsed*: size 1 on every
 dimension but the channel one, a k-d convolution's output is taken as batched
-``(1, C, 1, ..., 1)`` and a linear output as ``(1, C)``; channel counts of other tensors
+``(1, C, 1, ..., 1)`` and a linear output as ``(1, ..., 1, C)`` with the rank of its input,
+from :mod:`._rank` (the caller refuses a linear whose rank the graph does not fix); a frozen
+BatchNorm (running statistics) is an affine map and blocks; channel counts of other tensors
 entering a concatenation come from layer attributes (:meth:`Propagation.static_channels`).
 """
 
@@ -26,7 +28,6 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from ._ops import (
-    BATCHNORM_RANKS,
     BatchNormOp,
     Blocked,
     Cat,
@@ -36,6 +37,7 @@ from ._ops import (
     classify,
     describe,
 )
+from ._rank import Ranks
 from ._trace import node_shape
 
 __all__ = ["CONV_FUNCTIONS", "CONV_MODULES", "Outcome", "Propagation", "arg", "fetch"]
@@ -56,7 +58,8 @@ class Outcome:
     complete: bool
     reason: str
     bias_issue: str | None = None
-    hits: list[tuple[str, nn.Module, torch.Tensor]] = field(default_factory=list)
+    #: (name, running statistics holder or None, row feeding each channel) per BatchNorm
+    hits: list[tuple[str, Any, torch.Tensor]] = field(default_factory=list)
 
 
 def fetch(gm: torch.fx.GraphModule, target: str) -> Any:
@@ -79,21 +82,33 @@ class Propagation:
         self.modules = dict(gm.named_modules())
         calls = Counter()
         for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[id(self.modules[node.target])] += 1
+            if node.op in ("call_module", "call_function"):
+                op = classify(node, self.modules)
+                if isinstance(op, BatchNormOp) and op.key is not None:
+                    calls[op.key] += 1
         self.calls = calls
         self._channels: dict[Node, int | None] = {}
+        self.ranks = Ranks(self.modules)
 
     # ----------------------------------------------------------------- seeds
-    def seed(self, node: Node, rows: int, conv_dims: int) -> torch.Tensor:
-        """Row ids at the layer output: channel dim -(k+1) for a k-d conv, -1 for linear."""
+    def seed(self, node: Node, rows: int, conv_dims: int, rank: int | None = None) -> torch.Tensor:
+        """Row ids at the layer output: channel dim -(k+1) for a k-d conv, -1 for linear.
+
+        Without shapes a k-d conv output is batched, ``(1, C, 1, ..., 1)``, and a linear
+        output has ``rank`` dims, ``(1, ..., 1, C)`` (the caller gives the rank of its input,
+        from :meth:`static_rank` or an assumption it checks).
+        """
         trailing = (1,) * conv_dims
         ids = torch.arange(rows, dtype=torch.int32).reshape((rows,) + trailing)
         shape = node_shape(node) if self.shapes else None
         if shape is None:
             if self.shapes:
                 raise Blocked(f"no shape was recorded for {describe(node, self.modules)}")
-            return ids.unsqueeze(0)
+            if conv_dims:
+                return ids.unsqueeze(0)
+            if rank is None or rank < 1:
+                raise Blocked(f"the rank of the input of {describe(node, self.modules)} is unknown")
+            return ids.reshape((1,) * (rank - 1) + (rows,))
         if len(shape) < conv_dims + 1 or shape[-(conv_dims + 1)] != rows:
             raise Blocked(f"{describe(node, self.modules)} has an unexpected output shape")
         return ids.expand(shape)
@@ -115,12 +130,13 @@ class Propagation:
             if kind in CONV_MODULES:
                 return module.out_channels
             if kind is nn.Linear:
-                return module.out_features
-            if kind in BATCHNORM_RANKS:
-                return module.num_features
+                return module.out_features if self.ranks.of(node) == 2 else None
         if node.op == "call_function":
-            if node.target in CONV_FUNCTIONS or node.target is F.linear:
+            linear = node.target is F.linear
+            if node.target in CONV_FUNCTIONS or linear:
                 weight = arg(node, 1, "weight")
+                if linear and self.ranks.of(node) != 2:
+                    return None
                 if isinstance(weight, Node) and weight.op == "get_attr":
                     return int(fetch(self.gm, weight.target).shape[0])
                 return None
@@ -128,6 +144,8 @@ class Propagation:
                 first = self.static_channels(node.args[0])
                 return first if first is not None else self.static_channels(node.args[1])
         op = classify(node, self.modules)
+        if isinstance(op, BatchNormOp):
+            return op.channels
         if isinstance(op, Unary) and op.keeps_channels:
             return self.static_channels(arg(node, op.data_index, "input"))
         if isinstance(op, Cat) and op.dim in (1,):
@@ -167,6 +185,11 @@ class Propagation:
             raise Blocked(f"its output is combined with another tensor at {op.label}")
         state = states[data]
         if isinstance(op, BatchNormOp):
+            if not op.normalising:
+                raise Blocked(
+                    f"its output reaches frozen BatchNorm {op.label} (eval mode: running "
+                    "statistics, no batch statistics), which is an affine map, not a normaliser"
+                )
             outcome.hits.append(self._batchnorm(node, op, state))
             return
         try:
@@ -229,14 +252,20 @@ class Propagation:
         return _State(ids, affine)
 
     def _batchnorm(self, node: Node, op: BatchNormOp, state: _State):
-        module = op.module
-        if self.calls[id(module)] > 1:
+        """Check that each channel of a normalising BatchNorm is fed by one row; return its
+        name, its running statistics (or None) and the row feeding each channel."""
+        if op.key is not None and self.calls[op.key] > 1:
             raise Blocked(f"{op.label} is called more than once (its statistics mix inputs)")
         ids = state.ids
-        ranks = BATCHNORM_RANKS[type(module)]
-        if ids.dim() not in ranks:
+        if ids.dim() < 2 or (op.ranks is not None and ids.dim() not in op.ranks):
             raise Blocked(f"{op.label} would normalise a {ids.dim()}-D layout of it")
-        channels = module.num_features
+        channels = op.channels
+        if channels is None:
+            if not self.shapes:
+                raise Blocked(
+                    f"cannot tell how many channels {op.label} has: pass example_inputs=..."
+                )
+            channels = int(ids.shape[1])
         if ids.shape[1] != channels:
             raise Blocked(
                 f"{op.label} has {channels} channels where the traced layout has {ids.shape[1]} "
@@ -246,7 +275,7 @@ class Propagation:
         rows = flat[:, 0]
         if not bool((flat == rows[:, None]).all()):
             raise Blocked(f"a channel of {op.label} is fed by more than one row")
-        return node.target, module, rows.long()
+        return op.name, op.stats, rows.long()
 
 
 def _flat_nodes(node: Node) -> list[Node]:

@@ -3,13 +3,14 @@
 :func:`trace` turns a model into a ``GraphModule`` whose submodules and parameters are the
 model's own objects (nothing is copied). :func:`propagate_shapes` runs example inputs
 through it once, in eval mode and without gradients, so that every node records its real
-output shape; the model's training flags are restored afterwards and no BatchNorm running
-statistic is touched.
+output shape; the model's training flags and buffers (BatchNorm running statistics) are
+restored afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -43,6 +44,18 @@ class _Tracer(torch.fx.Tracer):
         )
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``model`` back as it was (values; the objects are kept)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> torch.fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`UntraceableModelError` saying what to do.
 
@@ -56,7 +69,10 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> torch.fx.GraphM
     if unknown:
         raise ValueError(f"leaf_modules: no submodule named {unknown} in {type(model).__name__}")
     try:
-        graph = _Tracer(leaves).trace(model)
+        # tracing runs forward's Python code on the real buffers: a BatchNorm subclass with
+        # its own forward (timm's BatchNormAct2d) bumps num_batches_tracked in train mode
+        with _buffers_kept(model):
+            graph = _Tracer(leaves).trace(model)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError ...)
         raise UntraceableModelError(
             f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); "
@@ -72,7 +88,9 @@ def propagate_shapes(
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        # a graph traced in train mode updates BatchNorm statistics whatever the flags say
+        # (a traced-into BatchNorm subclass calls F.batch_norm(training=True))
+        with torch.no_grad(), _buffers_kept(model):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         raise ValueError(

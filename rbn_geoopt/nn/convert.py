@@ -203,22 +203,19 @@ def to_grassmann(
     When the list is empty a warning says why and the model is untouched.
 
     >>> import torch
-    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    >>> old = net[0].weight.detach().clone()
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    >>> old = net[1].weight.detach().clone()
     >>> to_grassmann(net), to_grassmann(net)
-    (['0.weight'], ['0.weight'])
-    >>> torch.equal(net[0].weight, old)  # the rows are kept as they are
+    (['1.weight'], ['1.weight'])
+    >>> torch.equal(net[1].weight, old)  # the rows are kept as they are
     True
     >>> lin = nn.Linear(8, 4)
     >>> with torch.no_grad():
     ...     _ = lin.weight[2].fill_(1e-30)  # float32: too small for a step
-    >>> to_grassmann(nn.Sequential(lin, nn.BatchNorm1d(4)))  # doctest: +ELLIPSIS
+    >>> to_grassmann(nn.Sequential(nn.Flatten(), lin, nn.BatchNorm1d(4)))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: to_grassmann: '0.weight': row 2 has norm 2.83e-30, below the smallest ...
-    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    >>> to_grassmann(net), to_grassmann(net)
-    (['0.weight'], ['0.weight'])
+    ValueError: to_grassmann: '1.weight': row 2 has norm 2.83e-30, below the smallest ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_grassmann: expected an nn.Module, got {type(model).__name__}")

@@ -18,9 +18,12 @@ removed by the BN mean; a bias followed by ReLU is not.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +56,8 @@ class Finding:
     ``batchnorms``: the BatchNorm modules its rows reach. ``manifold``: the name of another
     manifold the weight is already on (then it is left alone).
 
-    >>> f = find_scale_invariant(nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4)))["0.weight"]
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(2, 4), nn.BatchNorm1d(4))
+    >>> f = find_scale_invariant(net)["1.weight"]
     >>> f.invariant, f.wide, f.selected(), f.selected(all_shapes=True)
     (True, False, False, True)
     """
@@ -178,13 +182,63 @@ def _manifold_name(param: nn.Parameter) -> str | None:
     return None
 
 
+def _unwrap_compiled(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module under ``torch.compile``'s wrappers, and the prefix they add to names."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    prefix = ""
+    while isinstance(model, OptimizedModule):
+        model, prefix = model._orig_mod, prefix + "_orig_mod."
+    return model, prefix
+
+
+@contextlib.contextmanager
+def _as_trained(model: nn.Module) -> Iterator[None]:
+    """Analyse a model in eval mode as ``model.train()`` will run it (a UserWarning says so):
+    every BatchNorm then uses batch statistics. The training flags are restored after."""
+    if model.training:
+        yield
+        return
+    warnings.warn(
+        f"{type(model).__name__} is in eval mode: analysed as model.train() will run it, every "
+        "BatchNorm normalising with batch statistics; to keep some BatchNorms frozen (affine "
+        "maps), call model.train() and then .eval() on those BatchNorms before the analysis",
+        UserWarning,
+        stacklevel=5,  # _as_trained, contextlib, analyse, the public function, the caller
+    )
+    flags = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 def analyse(
     model: nn.Module,
     *,
     example_inputs: Any = None,
     leaf_modules: Iterable[str] = (),
 ) -> tuple[dict[str, Finding], dict[str, Plan]]:
-    """Findings for every weight of >= 2 dims, and how to convert each (internal)."""
+    """Findings for every weight of >= 2 dims, and how to convert each (internal).
+
+    A ``torch.compile``'d model is analysed through its original module; names keep the
+    compiled module's ``_orig_mod.`` prefix, as in its ``named_parameters()``.
+    """
+    inner, prefix = _unwrap_compiled(model)
+    leaves = [n[len(prefix) :] if n.startswith(prefix) else n for n in leaf_modules]
+    with _as_trained(inner):
+        findings, plans = _analyse(inner, example_inputs, leaves)
+    if not prefix:
+        return findings, plans
+    findings = {prefix + n: dataclasses.replace(f, name=prefix + n) for n, f in findings.items()}
+    return findings, {prefix + n: plan for n, plan in plans.items()}
+
+
+def _analyse(
+    model: nn.Module, example_inputs: Any, leaf_modules: Iterable[str]
+) -> tuple[dict[str, Finding], dict[str, Plan]]:
     gm = trace(model, leaf_modules)
     shapes = example_inputs is not None
     if shapes:
@@ -233,8 +287,49 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
     for bias in plan.biases:
         if any(u.role != "bias" or u.node not in nodes for u in uses[id(bias)]):
             return dict(invariant=False, reason="its bias is also used elsewhere")
+    unknown = _unknown_ranks(p_uses, prop)
+    if not unknown:
+        return _follow(param, p_uses, plan, prop, {})
+    # A Linear's input rank decides where its rows land; without evidence try 2-D and 3-D:
+    # a reason that holds for both is reported, anything else is refused (issue 12, item 5).
+    trial_plans = [Plan(param, []), Plan(param, [])]
+    tries = [
+        _follow(param, p_uses, trial, prop, dict.fromkeys(unknown, rank))
+        for trial, rank in zip(trial_plans, (2, 3), strict=True)
+    ]
+    if not any(t["invariant"] for t in tries) and tries[0]["reason"] == tries[1]["reason"]:
+        plan.batchnorms = trial_plans[0].batchnorms if tries[0] == tries[1] else None
+        return tries[0]
+    label = describe(unknown[0], prop.modules)
+    return dict(
+        invariant=False,
+        reason=(
+            f"the rank of the input of {label} is unknown, and where its rows land at a "
+            "BatchNorm depends on it (a 3-D input (N, C, L) puts them on dim -1, BatchNorm1d "
+            "normalises dim 1): pass example_inputs=..., or flatten its input to 2-D first "
+            "(nn.Flatten(), x.flatten(1), x.view(x.size(0), -1))"
+        ),
+    )
+
+
+def _unknown_ranks(p_uses: list[_Use], prop: Propagation) -> list[Node]:
+    """The linear uses whose input rank neither shapes nor the graph fix."""
+    if prop.shapes:
+        return []
+    return [u.node for u in p_uses if u.conv_dims == 0 and prop.ranks.of(_input(u.node)) is None]
+
+
+def _input(node: Node) -> Any:
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _follow(param, p_uses: list[_Use], plan: Plan, prop: Propagation, assumed: dict) -> dict:
+    """The verdict from following every use; ``assumed``: input ranks taken for linears."""
     try:
-        seeds = {u.node: prop.seed(u.node, int(param.shape[0]), u.conv_dims) for u in p_uses}
+        seeds = {}
+        for u in p_uses:
+            rank = assumed.get(u.node, prop.ranks.of(_input(u.node))) if not u.conv_dims else None
+            seeds[u.node] = prop.seed(u.node, int(param.shape[0]), u.conv_dims, rank)
     except Blocked as exc:
         return dict(invariant=False, reason=str(exc))
     affine = {u.node: u.bias is not None for u in p_uses}
@@ -243,8 +338,8 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
         return dict(invariant=False, reason=outcome.reason)
     if not outcome.hits:
         return dict(invariant=False, reason="its output reaches no BatchNorm")
-    plan.batchnorms = [(module, rows) for _, module, rows in outcome.hits]
-    names = tuple(dict.fromkeys(target for target, _, _ in outcome.hits))
+    plan.batchnorms = [(stats, rows) for _, stats, rows in outcome.hits if stats is not None]
+    names = tuple(dict.fromkeys(name for name, _, _ in outcome.hits))
     if outcome.bias_issue is not None:
         return dict(invariant=False, reason=outcome.bias_issue, batchnorms=names)
     quoted = ", ".join(f"'{n}'" for n in names)
@@ -262,19 +357,35 @@ def find_scale_invariant(
     Traces the model with torch.fx and follows every conv/linear weight's output rows
     through the graph. Keys are parameter names as in ``model.named_parameters()``.
 
-    Without ``example_inputs`` the analysis is structural: layouts are the standard ones
-    (batched conv outputs, 2-D inputs to a Linear that feeds a BatchNorm1d), and a
-    reshape/flatten is accepted only when the BatchNorm's channel count proves it keeps the
-    channels. With ``example_inputs`` (a tensor or a tuple of forward arguments; run once in
-    eval mode under ``no_grad``) every layout is checked on the real shapes.
+    A BatchNorm counts when it normalises with batch statistics: any ``_BatchNorm``
+    subclass in training mode or without running statistics, or ``F.batch_norm`` with
+    ``training=True``; a frozen one (eval mode, running statistics) is an affine map and
+    blocks. A model in eval mode is analysed as ``model.train()`` will run it, with a
+    ``UserWarning``. A ``torch.compile``'d model is analysed through ``_orig_mod``.
+
+    The analysis assumes batched inputs (a k-d conv output has ``k + 2`` dims, channel at
+    dim 1). Without ``example_inputs`` it is structural: a Linear puts its rows on the LAST
+    dim, so it counts only when the graph proves its input rank (``nn.Flatten()``,
+    ``x.flatten(1)``, ``x.view(n, -1)`` ... before it; a 3-D ``(N, C, L)`` input to
+    ``Linear -> BatchNorm1d`` is not invariant, BatchNorm1d normalising dim 1); otherwise
+    the reason says to pass ``example_inputs``. A reshape/flatten is accepted only when the
+    BatchNorm's channel count proves it keeps the channels. With ``example_inputs`` (a
+    tensor or a tuple of forward arguments; run once in eval mode under ``no_grad``, flags
+    and buffers restored) every layout is checked on the real shapes.
     ``leaf_modules``: names of submodules to keep opaque (not traced into; their outputs
     block), for models with an untraceable part.
 
     Raises :class:`UntraceableModelError` when torch.fx cannot trace the model.
 
-    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    >>> print(find_scale_invariant(net)["0.weight"])
-    0.weight [4x8]: scale invariant: it feeds BatchNorm '1'
+    >>> bare = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+    >>> find_scale_invariant(bare)["0.weight"].invariant
+    False
+    >>> find_scale_invariant(bare, example_inputs=torch.randn(2, 8))["0.weight"].invariant
+    True
+
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    >>> print(find_scale_invariant(net)["1.weight"])
+    1.weight [4x8]: scale invariant: it feeds BatchNorm '2'
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_scale_invariant: expected an nn.Module, got {type(model).__name__}")

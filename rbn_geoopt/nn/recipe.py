@@ -22,7 +22,7 @@ Schedule: every learning rate times 0.2 at 30 %, 60 % and 80 % of training (epoc
 
 >>> import torch.nn as nn
 >>> from rbn_geoopt.nn import to_grassmann
->>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+>>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
 >>> _ = to_grassmann(net)
 >>> opt = paper_optimizer(net, "adamg")
 >>> [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups]
@@ -111,11 +111,11 @@ def paper_param_groups(
     a warning says when it has no Grassmann1 parameter.
 
     >>> from rbn_geoopt.nn import to_grassmann
-    >>> net = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))
     >>> to_grassmann(net)
-    ['0.weight']
+    ['1.weight']
     >>> [g["param_names"] for g in paper_param_groups(net)]
-    [['0.weight'], ['0.bias', '1.weight', '1.bias']]
+    [['1.weight'], ['1.bias', '2.weight', '2.bias']]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"paper recipe: expected an nn.Module, got {type(model).__name__}")
