@@ -401,7 +401,7 @@ def _batchnorm_module(node: Node, module: nn.modules.batchnorm._BatchNorm, label
 
 
 class _Stats:
-    """The running statistics a functional batch norm reads (rescaled by the conversion)."""
+    """The running statistics a functional batch norm reads."""
 
     def __init__(self, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
         self.running_mean = running_mean

@@ -3,8 +3,8 @@
 The state carried along is a *channel-id tensor* laid out like the activation: at each
 position, the weight row that produced it (``-1``: another source). :mod:`._ops` says how each
 node maps it; a BatchNorm ends a path after checking that each of its channels is fed by one
-row only, and records that row per channel (the conversion rescales the running statistics
-with it). Any blocking node stops the walk with a reason (:class:`._ops.Blocked`).
+row only, and records that row per channel. Any blocking node stops the walk with a reason
+(:class:`._ops.Blocked`).
 
 Without recorded shapes (no ``example_inputs``) the ids are *collapsed*: size 1 on every
 dimension but the channel one, a k-d convolution's output is taken as batched

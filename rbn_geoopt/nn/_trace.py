@@ -22,7 +22,7 @@ __all__ = ["UntraceableModelError", "node_shape", "propagate_shapes", "trace"]
 
 _HOW_TO_NAME = (
     "name the weights to convert yourself: to_grassmann(model, include=['layer.weight', ...], "
-    "detect=False) (their BatchNorm running statistics are then not rescaled), or keep the "
+    "detect=False) (their scale invariance is then not checked), or keep the "
     "untraceable submodules opaque with leaf_modules=['name', ...]"
 )
 

@@ -109,13 +109,12 @@ class _Use:
 
 @dataclass
 class Plan:
-    """How to convert one weight while keeping the model's outputs (internal)."""
+    """Where one weight lives (every module attribute it is stored under, so that the
+    conversion replaces it everywhere) and the biases its rows use (internal)."""
 
     param: nn.Parameter
     places: list[tuple[nn.Module, str]]
     biases: list[nn.Parameter] = field(default_factory=list)
-    #: (BatchNorm module, row feeding each of its channels, -1 for none); None: unknown
-    batchnorms: list[tuple[nn.Module, torch.Tensor]] | None = None
 
 
 def _places(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -289,16 +288,11 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
             return dict(invariant=False, reason="its bias is also used elsewhere")
     unknown = _unknown_ranks(p_uses, prop)
     if not unknown:
-        return _follow(param, p_uses, plan, prop, {})
+        return _follow(param, p_uses, prop, {})
     # A Linear's input rank decides where its rows land; without evidence try 2-D and 3-D:
     # a reason that holds for both is reported, anything else is refused (issue 12, item 5).
-    trial_plans = [Plan(param, []), Plan(param, [])]
-    tries = [
-        _follow(param, p_uses, trial, prop, dict.fromkeys(unknown, rank))
-        for trial, rank in zip(trial_plans, (2, 3), strict=True)
-    ]
+    tries = [_follow(param, p_uses, prop, dict.fromkeys(unknown, rank)) for rank in (2, 3)]
     if not any(t["invariant"] for t in tries) and tries[0]["reason"] == tries[1]["reason"]:
-        plan.batchnorms = trial_plans[0].batchnorms if tries[0] == tries[1] else None
         return tries[0]
     label = describe(unknown[0], prop.modules)
     return dict(
@@ -323,7 +317,7 @@ def _input(node: Node) -> Any:
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
-def _follow(param, p_uses: list[_Use], plan: Plan, prop: Propagation, assumed: dict) -> dict:
+def _follow(param, p_uses: list[_Use], prop: Propagation, assumed: dict) -> dict:
     """The verdict from following every use; ``assumed``: input ranks taken for linears."""
     try:
         seeds = {}
@@ -338,7 +332,6 @@ def _follow(param, p_uses: list[_Use], plan: Plan, prop: Propagation, assumed: d
         return dict(invariant=False, reason=outcome.reason)
     if not outcome.hits:
         return dict(invariant=False, reason="its output reaches no BatchNorm")
-    plan.batchnorms = [(stats, rows) for _, stats, rows in outcome.hits if stats is not None]
     names = tuple(dict.fromkeys(name for name, _, _ in outcome.hits))
     if outcome.bias_issue is not None:
         return dict(invariant=False, reason=outcome.bias_issue, batchnorms=names)
