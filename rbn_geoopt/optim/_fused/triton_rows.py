@@ -3,8 +3,8 @@ r"""The fused SGD-G and Adam-G row steps, and the guard's row sweep, as Triton k
 The GPU twin of the C kernel ``_crows.c`` / ``_rows_impl.h``: the same per-row formulas
 (docs/design.md, "Fused kernels"; the module docstring of :mod:`.torch_twin` lists them),
 one program per tile of ``ROWS`` rows, one launch per tensor. With ``yy = <y, y>``,
-``yg = <y, g>``, ``gg = <g, g>``, ``mm``, ``my``, ``mg`` (pass 1, summed in the working
-dtype), the per-row scalars are float64: ``|h|_y^2 = max(yy gg - yg^2, 0)``,
+``yg = <y, g>``, ``gg = <g, g>``, ``mm``, ``my``, ``mg`` (pass 1, accumulated in float64
+as in C), the per-row scalars are float64: ``|h|_y^2 = max(yy gg - yg^2, 0)``,
 ``c = min(1, nu / |h|_y)``, the momentum's radial part ``my / yy`` removed, the step
 angle ``t = |d| / |y|``, ``sinc`` by its series ``1 - t^2/6 (1 - t^2/20)`` below
 ``1e-2``, and a row with ``|yy - 1| <= snap`` that moves written at norm exactly 1. Pass 2
@@ -85,14 +85,18 @@ def _step_coefficients(yy, a, p, q, r, mm2, snap_tol):
 
 @triton.jit
 def _dots(y, g, m, MOM: tl.constexpr):
-    """Row sums of a (ROWS, BLOCK) tile, float64: yy, yg, gg, mm, my, mg."""
-    yy = tl.sum(y * y, axis=1).to(tl.float64)
-    yg = tl.sum(y * g, axis=1).to(tl.float64)
-    gg = tl.sum(g * g, axis=1).to(tl.float64)
+    """Row sums of a (ROWS, BLOCK) tile, accumulated in float64 (as the C kernel does):
+    yy, yg, gg, mm, my, mg."""
+    y = y.to(tl.float64)
+    g = g.to(tl.float64)
+    yy = tl.sum(y * y, axis=1)
+    yg = tl.sum(y * g, axis=1)
+    gg = tl.sum(g * g, axis=1)
     if MOM:
-        mm = tl.sum(m * m, axis=1).to(tl.float64)
-        my = tl.sum(m * y, axis=1).to(tl.float64)
-        mg = tl.sum(m * g, axis=1).to(tl.float64)
+        m = m.to(tl.float64)
+        mm = tl.sum(m * m, axis=1)
+        my = tl.sum(m * y, axis=1)
+        mg = tl.sum(m * g, axis=1)
     else:
         mm = tl.zeros_like(yy)
         my = tl.zeros_like(yy)
