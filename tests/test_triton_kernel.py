@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 import geoopt  # noqa: E402
 
+from comparisons.bench_gpu import top_level_aten  # noqa: E402
 from rbn_geoopt import Grassmann1  # noqa: E402
 from rbn_geoopt.optim import SGDG, AdamG, NonFiniteGradientError, _fused  # noqa: E402
 from rbn_geoopt.optim._fused import torch_twin, triton_rows  # noqa: E402
@@ -285,26 +286,6 @@ def test_dispatch_rules(monkeypatch):
         _fused.backend()
 
 
-def _count_ops(step, launches: list) -> list[str]:
-    """Top-level aten ops of ``step()`` outside the Triton launches (which the interpreter
-    runs with torch ops of its own)."""
-    real = triton_rows._launch
-
-    def launch(*args, **kw):
-        launches.append(1)
-        with torch.profiler.record_function("triton launch"):
-            real(*args, **kw)
-
-    triton_rows._launch = launch
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step()
-    finally:
-        triton_rows._launch = real
-    events = prof.events()
-    return [e.name for e in events if e.cpu_parent is None and e.name.startswith("aten::")]
-
-
 @pytest.mark.parametrize("opt_class", [SGDG, AdamG])
 def test_profiler_op_count_per_tensor(opt_class, monkeypatch):
     """At most 5 non-Triton aten ops per G(1,n) tensor for a whole step (guard included)."""
@@ -320,9 +301,10 @@ def test_profiler_op_count_per_tensor(opt_class, monkeypatch):
         p.grad = torch.randn_like(p)
     opt.step()  # state created
     launches: list = []
-    ops = _count_ops(opt.step, launches)
-    assert len(launches) == 2 * count  # the guard's sweep and the step, per tensor
-    assert len(ops) <= 5 * count, ops
+    ops = top_level_aten(opt.step, exclude_triton=True, launches=launches)
+    # the guard's sweep and the step, per tensor
+    assert launches == [triton_rows._check_rows] * count + [triton_rows._step_rows] * count
+    assert 0 < len(ops) <= 5 * count, ops
 
 
 SM90_COMPILE = textwrap.dedent(
