@@ -1,6 +1,6 @@
 r"""The optimizer-step benchmark: every measure of the step's speed in one run.
 
-``python -m comparisons.bench [--repeats 30] [--quick]`` prints
+``python -m comparisons.bench [--repeats 30] [--quick] [--ops] [--device cuda]`` prints
 
 1. **Python calls** per ``step()`` on one ``Grassmann1`` parameter (counted with
    ``sys.setprofile``, Python-level calls only), for SGDG and AdamG, beside torch's
@@ -15,7 +15,9 @@ Every method steps its own copy of the tensors with the same fixed gradients; th
 are timed in turn inside each round (:func:`comparisons.timing.interleaved`) and the
 medians compared, so machine noise hits all of them alike. Only the public API is used:
 the step of an optimizer is what a user pays (guard, bookkeeping and kernel). ``--quick``
-is the smoke run of the tests (few rounds, no ResNet-18).
+is the smoke run of the tests (few rounds, no ResNet-18). ``--ops`` adds the aten-op count
+per tensor of the GPU paths and ``--device cuda`` runs the device check instead
+(:mod:`comparisons.bench_gpu`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from rbn_geoopt import SGDG, AdamG, Grassmann1
 
+from .bench_gpu import cuda_check, op_counts
 from .models import resnet18_conv_shapes
 from .timing import interleaved
 
@@ -155,8 +158,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no ResNet")
+    parser.add_argument("--ops", action="store_true", help="aten ops per tensor (GPU paths)")
+    parser.add_argument("--device", default="cpu", help="cuda: the device check instead")
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else args.repeats
+    if args.device != "cpu":
+        if args.device != "cuda":
+            parser.error("--device must be cpu or cuda")
+        return {"cuda": cuda_check(rounds)}
     out: dict[str, object] = {"python_calls": python_calls()}
     print("Python calls per step() on one (64, 32, 3, 3) parameter:")
     for label, calls in out["python_calls"].items():
@@ -169,6 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         med, ratios = step_ratios(shapes, threads=2, rounds=rounds)
         out["resnet18"] = ratios
         _print_table("ResNet-18 conv weights (11.2M parameters), 2 threads:", med, ratios)
+    if args.ops:
+        out["ops"] = op_counts()
+        print("\nTop-level aten ops per tensor, one step on 20 conv weights (CPU profiler):")
+        for label, count in out["ops"].items():
+            print(f"  {label:28s} {count:7.2f}")
     return out
 
 

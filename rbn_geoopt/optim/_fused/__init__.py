@@ -9,16 +9,21 @@ argument is checked again. A tensor list is stepped in place by
   call per dtype for the rows of every CPU, C-contiguous float32/float64 tensor of the
   list, spread over ``torch.get_num_threads()`` threads (one thread below
   ``PARALLEL_MIN_NUMEL`` elements);
-* its pure-torch twin :mod:`.torch_twin` for everything else (other devices, half
-  precision, strided views, no compiler at install time), with the same formulas.
+* the Triton kernels :mod:`.triton_rows` for CUDA tensors when ``triton`` is importable
+  (one launch per tensor; the ``gpu`` extra installs it);
+* its pure-torch twin :mod:`.torch_twin` for everything else (other devices, CUDA without
+  triton, half precision, strided views, no compiler at install time), with the same
+  formulas.
 
-``RBN_GEOOPT_KERNELS=torch`` forces the twin, ``=c`` insists on C (ValueError where it
-cannot be used), ``=auto`` (the default) picks per tensor.
+``RBN_GEOOPT_KERNELS=torch`` forces the twin, ``=c`` insists on C and ``=triton`` on Triton
+(ValueError where it cannot be used; under ``TRITON_INTERPRET=1`` Triton's interpreter runs
+CPU tensors too, which is how the tests check it), ``=auto`` (the default) picks per tensor.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 
@@ -31,11 +36,15 @@ try:  # imported after torch, so that it shares torch's OpenMP runtime (libgomp)
 except ImportError:  # not built (no compiler): everything runs in torch
     _crows = None
 
-__all__ = ["ENV_VAR", "adamg_", "backend", "c_ok", "check_rows", "sgdg_", "sum_squares"]
+__all__ = [
+    "ENV_VAR", "adamg_", "backend", "c_ok", "check_rows", "sgdg_", "sum_squares", "triton_ok",
+]  # fmt: skip
 
 #: environment variable that forces a backend: "torch", "c" or "auto" (the default)
 ENV_VAR = "RBN_GEOOPT_KERNELS"
-_BACKENDS = ("auto", "c", "torch")
+_BACKENDS = ("auto", "c", "torch", "triton")
+#: whether triton is installed (the module :mod:`.triton_rows` is imported on first use)
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _C_DTYPES = {torch.float32: 0, torch.float64: 1}
 #: below this many elements a call runs on one thread (OpenMP start-up dominates)
 PARALLEL_MIN_NUMEL = 1 << 15
@@ -48,14 +57,37 @@ def backend() -> str:
         raise ValueError(f"{ENV_VAR} must be one of {_BACKENDS}, got {choice!r}")
     if choice == "c" and _crows is None:
         raise ValueError(f"{ENV_VAR}=c, but the C extension _crows is not built")
+    if choice == "triton" and not HAVE_TRITON:
+        raise ValueError(f"{ENV_VAR}=triton, but triton is not installed (pip install triton)")
     return choice
+
+
+def _triton():
+    from . import triton_rows  # imports triton: only when a tensor may take it
+
+    return triton_rows
+
+
+def triton_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels step these tensors: ``choice`` "triton", or "auto" for
+    CUDA tensors when triton is installed (:func:`.triton_rows.takes` for the dtypes).
+    With ``choice == "triton"`` a tensor it cannot take is a ValueError."""
+    if choice == "triton":
+        if _triton().takes(*tensors):
+            return True
+        found = [(t.device.type, t.dtype) for t in tensors if t is not None]
+        raise ValueError(
+            f"{ENV_VAR}=triton: the Triton kernels take CUDA tensors (any device under "
+            f"TRITON_INTERPRET=1) of float32/float64/float16/bfloat16, got {found}"
+        )
+    return choice == "auto" and HAVE_TRITON and tensors[0].is_cuda and _triton().takes(*tensors)
 
 
 def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
     """Whether the C kernel steps these tensors: CPU, C-contiguous, one float32/float64
     dtype, and ``choice`` (from :func:`backend`) not "torch". With ``choice == "c"`` a
     tensor it cannot take is a ValueError."""
-    if choice == "torch":
+    if choice in ("torch", "triton"):
         return False
     dtype = tensors[0].dtype
     ok = _crows is not None and dtype in _C_DTYPES
@@ -129,6 +161,7 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     (``taus[i]`` None without momentum), in place: :func:`.torch_twin.sgdg_rows_` per row."""
     jobs: dict[torch.dtype, list[tuple]] = {}
     written, bad = [], []
+    tri: tuple[list, ...] = ([], [], [], [])  # y, g, tau, n: the Triton kernels' tensors
     numel = rows = 0
     for y, g, tau, n in zip(ys, gs, taus, ns, strict=True):
         count = y.numel() // n
@@ -140,6 +173,10 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
             written += (y, tau)
             numel, rows = numel + count * n, rows + count
             continue
+        if triton_ok(choice, y, g, tau):
+            for column, value in zip(tri, (y, g, tau, n), strict=True):
+                column.append(value)
+            continue
         yr, gr, tr = _rows(y, n), _rows(g, n), _rows(tau, n)
         bad.append(_first(torch_twin.sgdg_rows_(yr, gr, tr, lr=lr, momentum=momentum, nu=nu)))
         _write_back(y, yr)
@@ -147,6 +184,8 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     if jobs:
         bad += _run_c("sgdg_many", jobs, numel, rows, lr, momentum, nu)
         _written(written)
+    if tri[0]:
+        bad += _triton().sgdg_(*tri, lr=lr, momentum=momentum, nu=nu)
     _unstepped(bad)
 
 
@@ -159,6 +198,7 @@ def adamg_(
     :func:`.torch_twin.adamg_rows_` per row."""
     jobs: dict[torch.dtype, list[tuple]] = {}
     written, bad = [], []
+    tri: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size: Triton's
     numel = rows = 0
     for y, g, m, v, n, step_size in zip(ys, gs, ms, vs, ns, step_sizes, strict=True):
         count = y.numel() // n
@@ -170,6 +210,10 @@ def adamg_(
             written += (y, m, v)
             numel, rows = numel + count * n, rows + count
             continue
+        if triton_ok(choice, y, g, m, v):
+            for column, value in zip(tri, (y, g, m, v, n, step_size), strict=True):
+                column.append(value)
+            continue
         yr, gr, mr, vr = _rows(y, n), _rows(g, n), _rows(m, n), _rows(v, 1)
         mask = torch_twin.adamg_rows_(
             yr, gr, mr, vr, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, nu=nu
@@ -180,6 +224,8 @@ def adamg_(
     if jobs:
         bad += _run_c("adamg_many", jobs, numel, rows, beta1, beta2, eps, nu)
         _written(written)
+    if tri[0]:
+        bad += _triton().adamg_(*tri, beta1=beta1, beta2=beta2, eps=eps, nu=nu)
     _unstepped(bad)
 
 
@@ -203,6 +249,7 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int] | None] = [None] * len(ys)
     c_jobs: dict[torch.dtype, list[tuple[int, tuple]]] = {}
     pending: list[tuple[int, torch.Tensor]] = []
+    tri: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor, int]]] = {}
     numel = rows = 0
     for i, (y, g, n) in enumerate(zip(ys, gs, ns, strict=True)):
         count = y.numel() // n if n else 0
@@ -212,6 +259,8 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
             job = (y.data_ptr(), g.data_ptr(), count, n, *limits(y.dtype))
             c_jobs.setdefault(y.dtype, []).append((i, job))
             numel, rows = numel + count * n, rows + count
+        elif triton_ok(choice, y, g):
+            tri.setdefault(y.device, []).append((i, y, g, n))
         else:
             pending.append((i, _torch_verdict(y.reshape(-1, n), g.reshape(-1, n))))
     threads = _nthreads(numel, rows)
@@ -219,6 +268,10 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
         found = _crows.check_rows([job for _, job in items], _C_DTYPES[dtype], threads)
         for (i, _), pair in zip(items, found, strict=True):
             out[i] = tuple(pair)
+    for items in tri.values():
+        found = _triton().check_rows(*zip(*[item[1:] for item in items], strict=True), limits)
+        for (i, *_), pair in zip(items, found, strict=True):
+            out[i] = pair
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, verdict in pending:
         by_device.setdefault(verdict.device, []).append((i, verdict))

@@ -1,0 +1,171 @@
+r"""The GPU path's measures, two sections of ``python -m comparisons.bench``.
+
+``--ops``: top-level aten ops per ``Grassmann1`` tensor in one ``step()`` of SGDG / AdamG on
+20 conv weights ``(16, 8, 3, 3)`` (CPU, counted with ``torch.profiler``), with the torch
+twin (``RBN_GEOOPT_KERNELS=torch``, the path of CUDA without triton) and with the Triton
+kernels forced under Triton's interpreter (the ops the interpreter itself runs inside a
+launch are not counted: on a GPU a launch is one kernel), beside torch's foreach SGD/Adam.
+Counts are deterministic (a unit test asserts the Triton one).
+
+``--device cuda``: the device check. Times ``SGDG.step()`` / ``AdamG.step()`` (Triton
+kernels) on ResNet-18's conv weights against torch's SGD and Adam (foreach and fused, the
+faster of each) and geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on ``SphereExact``,
+synchronising the device around every timed step, then runs the CUDA test subset
+(``tests/test_triton_kernel.py`` compiled, on CUDA tensors). Without CUDA it says so in one
+line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+
+import geoopt
+import torch
+
+from rbn_geoopt import SGDG, AdamG, Grassmann1
+
+from .models import resnet18_conv_shapes
+from .timing import interleaved
+
+__all__ = ["cuda_check", "op_counts", "top_level_aten"]
+
+LR, MOMENTUM, BETAS, EPS = 0.01, 0.9, (0.9, 0.99), 1e-8
+SMALL = [(16, 8, 3, 3)] * 20
+
+
+def _params(shapes, device, kind: str):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in shapes:
+        y = torch.randn(s, generator=gen).to(device)
+        if kind == "ours":
+            p = geoopt.ManifoldParameter(y, manifold=Grassmann1(ndim=y.dim() - 1))
+        elif kind == "geoopt":
+            sphere = geoopt.SphereExact()
+            p = geoopt.ManifoldParameter(sphere.projx(y.reshape(s[0], -1)), manifold=sphere)
+        else:
+            p = torch.nn.Parameter(y)
+        p.grad = 1e-2 * torch.randn(p.shape, generator=gen).to(device)
+        out.append(p)
+    return out
+
+
+def top_level_aten(step, exclude_triton: bool = False, launches: list | None = None) -> list[str]:
+    """The aten ops of ``step()`` called by no other aten op (the optimizers' own
+    ``record_function`` ranges are looked through); with ``exclude_triton``, not those run
+    inside a Triton launch (``launches`` then gets one entry per launch)."""
+    from rbn_geoopt.optim._fused import triton_rows
+
+    real = triton_rows._launch
+
+    def launch(*args, **kw):
+        if launches is not None:
+            launches.append(args[0])
+        with torch.profiler.record_function("triton launch"):
+            real(*args, **kw)
+
+    if exclude_triton:
+        triton_rows._launch = launch
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        triton_rows._launch = real
+    out = []
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not (
+            parent.name.startswith("aten::") or parent.name == "triton launch"
+        ):
+            parent = parent.cpu_parent
+        if parent is None:
+            out.append(e.name)
+    return out
+
+
+def op_counts() -> dict[str, float]:
+    """Top-level aten ops per tensor per step (module docstring)."""
+    out: dict[str, float] = {}
+    old = os.environ.get("RBN_GEOOPT_KERNELS")
+    backends = ["torch"]
+    try:
+        import triton  # noqa: F401
+
+        from rbn_geoopt.optim._fused import triton_rows
+
+        if triton_rows.INTERPRET:
+            backends.append("triton")
+    except ImportError:
+        pass
+    try:
+        for backend in backends:
+            os.environ["RBN_GEOOPT_KERNELS"] = backend
+            for cls, hyper in ((SGDG, {"momentum": MOMENTUM}), (AdamG, {})):
+                opt = cls(_params(SMALL, "cpu", "ours"), lr=LR, **hyper)
+                opt.step()  # state created
+                ops = top_level_aten(opt.step, exclude_triton=backend == "triton")
+                out[f"{cls.__name__} ({backend})"] = len(ops) / len(SMALL)
+    finally:
+        if old is None:
+            os.environ.pop("RBN_GEOOPT_KERNELS", None)
+        else:
+            os.environ["RBN_GEOOPT_KERNELS"] = old
+    for cls, hyper in ((torch.optim.SGD, {"momentum": MOMENTUM}), (torch.optim.Adam, {})):
+        opt = cls(_params(SMALL, "cpu", "torch"), lr=LR, foreach=True, **hyper)
+        opt.step()
+        out[f"torch {cls.__name__} (foreach)"] = len(top_level_aten(opt.step)) / len(SMALL)
+    return out
+
+
+def cuda_check(rounds: int) -> dict[str, float]:
+    """The device check (module docstring); exits with status 2 without CUDA."""
+    if not torch.cuda.is_available():
+        print("comparisons.bench --device cuda: no CUDA device here; nothing was timed")
+        raise SystemExit(2)
+    device = torch.device("cuda")
+    shapes = resnet18_conv_shapes()
+    sgd = {"momentum": MOMENTUM}
+    adam = {"betas": BETAS, "eps": EPS}
+    methods = {
+        "SGDG": SGDG(_params(shapes, device, "ours"), lr=LR, **sgd).step,
+        "AdamG": AdamG(_params(shapes, device, "ours"), lr=LR, **adam).step,
+        "geoopt RiemannianSGD": geoopt.optim.RiemannianSGD(
+            _params(shapes, device, "geoopt"), lr=LR, **sgd
+        ).step,
+        "geoopt RiemannianAdam": geoopt.optim.RiemannianAdam(
+            _params(shapes, device, "geoopt"), lr=LR, **adam
+        ).step,
+    }
+    for cls, hyper in ((torch.optim.SGD, sgd), (torch.optim.Adam, adam)):
+        for mode in ("foreach", "fused"):
+            opt = cls(_params(shapes, device, "torch"), lr=LR, **{mode: True}, **hyper)
+            methods[f"torch {cls.__name__} ({mode})"] = opt.step
+    times = interleaved(methods, warmup=3, rounds=rounds, device=device)
+    med = {label: statistics.median(ts) for label, ts in times.items()}
+    best_sgd = min(med["torch SGD (foreach)"], med["torch SGD (fused)"])
+    ratios = {
+        "SGDG / torch SGD (faster)": med["SGDG"] / best_sgd,
+        "AdamG / torch Adam (fused)": med["AdamG"] / med["torch Adam (fused)"],
+        "geoopt RiemannianSGD / SGDG": med["geoopt RiemannianSGD"] / med["SGDG"],
+        "geoopt RiemannianAdam / AdamG": med["geoopt RiemannianAdam"] / med["AdamG"],
+    }
+    print(f"\nResNet-18 conv weights on {torch.cuda.get_device_name(device)}:")
+    for label, sec in med.items():
+        print(f"  {label:28s} {1e3 * sec:9.3f} ms")
+    for label, value in ratios.items():
+        print(f"  {label:32s} {value:6.2f}x")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print("\nCUDA test subset: tests/test_triton_kernel.py (compiled kernels)", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_triton_kernel.py"],
+        cwd=root, env=env,
+    )  # fmt: skip
+    ratios["cuda tests passed"] = float(done.returncode == 0)
+    return ratios
