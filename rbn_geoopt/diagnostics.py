@@ -3,19 +3,18 @@ r"""Angular-update diagnostics: how far each optimizer step turns each weight.
 For a scale-invariant weight (one feeding a BatchNorm) only the direction matters, so the
 natural measure of a step is the angle it turns the weight by (see ``docs/design.md``,
 *Angular-update diagnostics*). Per point, with ``a`` the point before and ``b`` after a
-step, ``ah = a / |a|``, ``z = b |a| / |b|`` (the nearer representative ``s z``,
-``s = sign(<a, b>)``, on G(1, n)) and ``w = s z - <s z, ah> ah`` its part orthogonal to
-``a``:
+step, ``ah = a / |a|``, ``bh = b / |b|`` and ``s = sign(<a, b>)`` (``+1`` at 0):
 
-==================  ===========================================================  ==========
-line (G(1, n))      ``theta = atan2(|w|, |<z, ah>|)``                             [0, pi/2]
-vector (sphere)     ``theta`` if ``<a, b> >= 0``, else ``pi - theta``             [0, pi]
-effective lr        ``lr / |a|^2`` (plain weights: the step SGD takes on ``ah``)
-==================  ===========================================================  ==========
+================  ==============================================  ==========
+line (G(1, n))    ``2 atan2(|ah - s bh|, |ah + s bh|)``            [0, pi/2]
+vector (sphere)   ``2 atan2(|ah - bh|, |ah + bh|)``                [0, pi]
+effective lr      ``lr / |a|^2`` (plain weights: the rate SGD turns ``ah`` at)
+================  ==============================================  ==========
 
-``theta`` is :meth:`Grassmann1.dist <rbn_geoopt.Grassmann1.dist>` (no ``acos``, full
-relative precision for tiny steps), computed in float64 on points pre-scaled by a power of
-two (exact), so very small or large representatives do not underflow or overflow.
+The half-angle form is exact to a few ulps everywhere (no ``acos`` of a rounded cosine,
+which loses half the digits near 0 and pi), gives exactly 0 for identical points, and is
+computed in float64 on points pre-scaled by a power of two (exact), so very small or very
+large representatives neither underflow nor overflow.
 
 * :func:`point_angles` -- the angle per point between two tensors;
 * :class:`AngleMonitor` -- per parameter and per param group of any optimizer, the angle
@@ -44,8 +43,6 @@ from .manifold import Grassmann1
 
 __all__ = ["AngleMonitor", "point_angles"]
 
-_LINES = Grassmann1()
-
 
 def _unscaled(manifold: Any) -> Any:
     while isinstance(manifold, Scaled):
@@ -61,7 +58,7 @@ def _pow2_scaled(x: torch.Tensor) -> torch.Tensor:
     """``x / 2^e`` per row with ``2^e`` near the row's largest entry (exact, no rounding)."""
     top = x.abs().amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top) & (top > 0), top, torch.ones_like(top))
-    return torch.ldexp(x, -torch.frexp(top).exponent)
+    return x * torch.ldexp(torch.ones_like(top), -torch.frexp(top).exponent)
 
 
 def point_angles(
@@ -105,12 +102,18 @@ def point_angles(
     dtype = _work_dtype(before)
     with torch.no_grad():
         a = _pow2_scaled(before.detach().reshape(*batch, -1).to(dtype))
-        b = _pow2_scaled(after.detach().reshape(*batch, -1).to(after.device, dtype))
-        theta = _LINES.dist(a, b)
-        if not lines:
-            theta = torch.where((a * b).sum(-1) < 0, math.pi - theta, theta)
-        na = torch.linalg.vector_norm(a, dim=-1)
-        nb = torch.linalg.vector_norm(b, dim=-1)
+        b = _pow2_scaled(after.detach().reshape(*batch, -1).to(a.device, dtype))
+        na = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+        nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True)
+        ah, bh = a / na, b / nb
+        if lines:
+            bh = torch.where((ah * bh).sum(-1, keepdim=True) < 0, -bh, bh)
+        diff = torch.linalg.vector_norm(ah - bh, dim=-1)
+        total = torch.linalg.vector_norm(ah + bh, dim=-1)
+        theta = 2.0 * torch.atan2(diff, total)
+        if lines:  # |ah - s bh| <= |ah + s bh| up to rounding: keep [0, pi/2] exactly
+            theta = theta.clamp(max=math.pi / 2)
+        na, nb = na.squeeze(-1), nb.squeeze(-1)
         defined = torch.isfinite(na) & torch.isfinite(nb) & (na > 0) & (nb > 0)
         return torch.where(defined, theta, torch.full_like(theta, math.nan))
 
