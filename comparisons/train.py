@@ -4,8 +4,9 @@ The learning rate of every param group is multiplied by ``gamma`` (the paper's 0
 epoch in ``drops``. After every epoch the run records the mean training loss over that
 epoch's batches, the error (%) on each evaluation split, the training seconds of the epoch,
 and per G-weight the mean row norm; after every step, per G-weight, the mean angle (radians)
-between each row before and after the step -- how far the step moved the weight on G(1,n):
-``angle(a, b) = 2 atan2(|ah - bh|, |ah + bh|)`` with ``ah = a / |a|``.
+between each row before and after the step -- how far the step moved the weight -- as
+``rbn_geoopt.AngleMonitor`` measures it (the lines of G(1,n) for the Grassmann methods, the
+rows as vectors otherwise; the same angle for every step below 90 degrees).
 
 Example::
 
@@ -22,13 +23,17 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from rbn_geoopt import AngleMonitor
+from rbn_geoopt.diagnostics import point_angles
+
 from .data import Split
-from .methods import Method, current_weight, prepare
+from .methods import Method, Prepared, current_weight, prepare
 from .models import build_model
 
-__all__ = ["lr_drops", "row_angles", "evaluate", "train_run"]
+__all__ = ["angle_monitor", "lr_drops", "row_angles", "evaluate", "train_run"]
 
 GAMMA = 0.2
 
@@ -48,14 +53,26 @@ def lr_factor(epoch: int, drops: list[int], gamma: float = GAMMA) -> float:
 
 
 def row_angles(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Angle (radians, in [0, pi]) between corresponding rows, exact for small angles."""
-    a = before.reshape(before.shape[0], -1).double()
-    b = after.reshape(after.shape[0], -1).double()
-    a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    b = b / torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    diff = torch.linalg.vector_norm(a - b, dim=1)
-    total = torch.linalg.vector_norm(a + b, dim=1)
-    return 2.0 * torch.atan2(diff, total)
+    """Angle (radians, in [0, pi]) between corresponding rows, exact for small angles
+    (``rbn_geoopt.diagnostics.point_angles`` on the rows)."""
+    rows = before.shape[0]
+    return point_angles(before.reshape(rows, -1), after.reshape(rows, -1))
+
+
+def _stored_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter the optimizer steps for weight ``name`` (a sphere method's rows)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
+def angle_monitor(prepared: Prepared) -> AngleMonitor:
+    """The library's ``AngleMonitor`` on the G-weights of a prepared method, by layer name
+    (``features.3.weight``), whichever tensor its optimizer steps for them."""
+    named = [(n, _stored_weight(prepared.model, n)) for n in prepared.g_names]
+    return AngleMonitor(prepared.optimizer, named)
 
 
 @torch.no_grad()
@@ -116,6 +133,7 @@ def train_run(
     log.update({f"{name}_loss": [] for name in evals})
     log["row_norm"] = {name: [] for name in prepared.g_names}
     log["angle_per_step"] = {name: [] for name in prepared.g_names}
+    monitor = angle_monitor(prepared)
     bar = tqdm(
         total=epochs * n_batches,
         desc=f"{method.label} seed {seed}",
@@ -137,15 +155,10 @@ def train_run(
             loss.backward()
             if prepared.before_step is not None:
                 prepared.before_step()
-            if track_angles:
-                with torch.no_grad():
-                    old = {n: current_weight(model, n).detach().clone() for n in prepared.g_names}
-            opt.step()
-            if track_angles:
-                with torch.no_grad():
-                    for name, w in old.items():
-                        angle = row_angles(w, current_weight(model, name)).mean()
-                        log["angle_per_step"][name].append(float(angle))
+            with monitor.track(enabled=track_angles) as angles:
+                opt.step()
+            for name, stats in angles.get("params", {}).items():
+                log["angle_per_step"][name].append(stats["mean"])
             value = float(loss.detach())
             if not math.isfinite(value):
                 bar.close()

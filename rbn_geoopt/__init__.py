@@ -3,12 +3,15 @@
 * :class:`Grassmann1`: the exact, scale-invariant G(1, n) manifold for geoopt;
 * :class:`SGDG`, :class:`AdamG`: the paper's optimizers, stepping every geoopt manifold and
   plain parameters (with torch's SGD/Adam rules) in one optimizer;
-* :mod:`rbn_geoopt.nn`: find the BatchNorm-fed weights of a model and move them onto G(1, n).
+* :mod:`rbn_geoopt.nn`: find the BatchNorm-fed weights of a model and move them onto G(1, n);
+* :class:`AngleMonitor` (:mod:`rbn_geoopt.diagnostics`): the angle each optimizer step turns
+  each weight, per parameter and param group, from any training loop.
 """
 
-from . import nn, optim
+from . import diagnostics, nn, optim
+from .diagnostics import AngleMonitor
 from .manifold import Grassmann1
 from .optim import SGDG, AdamG
 
-__all__ = ["AdamG", "Grassmann1", "SGDG", "nn", "optim"]
+__all__ = ["AdamG", "AngleMonitor", "Grassmann1", "SGDG", "diagnostics", "nn", "optim"]
 __version__ = "0.1.0"

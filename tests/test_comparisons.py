@@ -39,7 +39,7 @@ from comparisons.methods import (
     prepare,
 )
 from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
-from comparisons.train import lr_drops, row_angles, train_run
+from comparisons.train import angle_monitor, lr_drops, row_angles, train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_LABELS = [
@@ -576,6 +576,35 @@ def test_lr_drops_and_row_angles():
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     torch.testing.assert_close(row_angles(a, 3 * b), torch.acos(cos), rtol=1e-7, atol=0)
     assert float(row_angles(a, a).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_study_angles_come_from_the_library_monitor(key):
+    """The per-step angle of study A (``rbn_geoopt.AngleMonitor`` on the G-weights, by layer
+    name) is the mean over the layer weight's rows of the angle the step turned them, for
+    every method, sphere parametrizations included (half-angle reference, float64)."""
+    torch.manual_seed(0)
+    prepared = prepare(METHODS[key], VGGNet((4, 8, 8, 8)).double())
+    monitor = angle_monitor(prepared)
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,))
+
+    torch.nn.functional.cross_entropy(prepared.model(x), y).backward()
+    if prepared.before_step is not None:
+        prepared.before_step()
+    before = {n: current_weight(prepared.model, n).detach().clone() for n in prepared.g_names}
+    with monitor.track() as report:
+        prepared.optimizer.step()
+    assert list(report["params"]) == prepared.g_names and len(prepared.g_names) == 4
+    for name, w0 in before.items():
+        a = w0.reshape(w0.shape[0], -1)
+        b = current_weight(prepared.model, name).detach().reshape(a.shape)
+        a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+        ref = 2 * torch.atan2((a - b).norm(dim=1), (a + b).norm(dim=1))
+        assert float(ref.min()) > 1e-6  # every row moved
+        stats = report["params"][name]
+        assert stats["points"] == a.shape[0]
+        assert stats["mean"] == pytest.approx(float(ref.mean()), rel=1e-9)
 
 
 def test_training_learns(fake_data):
