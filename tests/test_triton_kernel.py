@@ -141,6 +141,7 @@ def test_unit_rows_snap_to_norm_one_and_zero_steps_are_exact(dtype):
     assert torch.equal(yk[-2:], before[-2:])
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf/NaN rows
 @pytest.mark.parametrize("algo", ["sgdg", "adamg"])
 @pytest.mark.parametrize("bad", ["zero", "nan-point", "inf-point", "nan-grad", "inf-grad"])
 def test_bad_rows_are_left_unchanged_and_reported(algo, bad):
@@ -212,6 +213,7 @@ def test_half_precision_as_the_twin(dtype, tile, monkeypatch):
 
 
 @needs_c
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on huge rows
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_guard_sweep_equals_c(dtype, monkeypatch):
     monkeypatch.setattr(triton_rows, "TILE", 32)
