@@ -1,6 +1,6 @@
 r"""The optimizer-step benchmark: every measure of the step's speed in one run.
 
-``python -m comparisons.bench [--repeats 30] [--quick]`` prints
+``python -m comparisons.bench [--repeats 30] [--quick] [--ops]`` prints
 
 1. **Python calls** per ``step()`` on one ``Grassmann1`` parameter (counted with
    ``sys.setprofile``, Python-level calls only), for SGDG and AdamG, beside torch's
@@ -10,6 +10,15 @@ r"""The optimizer-step benchmark: every measure of the step's speed in one run.
 3. **ResNet-18's conv weights** (20 tensors, 11.2M parameters), two threads: the same
    ratios, and the speed-up over geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on
    ``SphereExact`` (the rows of each weight as points).
+
+``--ops`` prints only measure 4, the **top-level aten ops per tensor per step** on
+ResNet-18's conv weights: every ``aten::`` event that ``torch.profiler`` records during one
+``step()`` and that no other ``aten::`` event encloses (an op's own sub-ops are not
+counted), divided by the 20 tensors; for SGDG and AdamG on the pure-torch twin of the fused
+kernel (``RBN_GEOOPT_KERNELS=torch``: the path CUDA and MPS tensors take; the step guard
+included), beside torch's ``SGD(momentum, foreach)`` and ``Adam(foreach)``. On a GPU most
+such ops are kernel launches. The counts are deterministic (they do not depend on the
+values, nor on the number of rows of each weight).
 
 Every method steps its own copy of the tensors with the same fixed gradients; the methods
 are timed in turn inside each round (:func:`comparisons.timing.interleaved`) and the
@@ -21,19 +30,22 @@ is the smoke run of the tests (few rounds, no ResNet-18).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import geoopt
 import torch
 
 from rbn_geoopt import SGDG, AdamG, Grassmann1
+from rbn_geoopt.optim import _fused
 
 from .models import resnet18_conv_shapes
 from .timing import interleaved
 
-__all__ = ["count_calls", "main", "step_ratios"]
+__all__ = ["aten_ops", "count_aten_ops", "count_calls", "main", "step_ratios"]
 
 LR, MOMENTUM, BETAS, EPS = 0.01, 0.9, (0.9, 0.99), 1e-8
 SMALL = [(16, 8, 3, 3)] * 20
@@ -121,6 +133,53 @@ def python_calls() -> dict[str, int]:
     }
 
 
+def count_aten_ops(step: Callable[[], object]) -> int:
+    """Top-level aten ops issued by one ``step()`` (after one warm-up call): the
+    ``aten::`` events of ``torch.profiler`` that no other ``aten::`` event encloses."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+
+    def top_level(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and top_level(e))
+
+
+@contextlib.contextmanager
+def _backend(choice: str) -> Iterator[None]:
+    before = os.environ.get(_fused.ENV_VAR)
+    os.environ[_fused.ENV_VAR] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_fused.ENV_VAR]
+        else:
+            os.environ[_fused.ENV_VAR] = before
+
+
+def aten_ops(shapes) -> dict[str, float]:
+    """Measure 4 of the module docstring: top-level aten ops per tensor per step."""
+    with _backend("torch"):
+        counts = {
+            "SGDG (torch twin)": count_aten_ops(_ours(SGDG, shapes, momentum=MOMENTUM).step),
+            "AdamG (torch twin)": count_aten_ops(_ours(AdamG, shapes, betas=BETAS, eps=EPS).step),
+        }
+    counts["torch SGD (foreach)"] = count_aten_ops(
+        _torch(torch.optim.SGD, shapes, momentum=MOMENTUM).step
+    )
+    counts["torch Adam (foreach)"] = count_aten_ops(
+        _torch(torch.optim.Adam, shapes, betas=BETAS, eps=EPS).step
+    )
+    return {label: count / len(shapes) for label, count in counts.items()}
+
+
 def step_ratios(
     shapes, threads: int, rounds: int, with_geoopt: bool = True
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -155,7 +214,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no ResNet")
+    parser.add_argument(
+        "--ops", action="store_true", help="only the top-level aten ops per tensor per step"
+    )
     args = parser.parse_args(argv)
+    if args.ops:
+        ops = aten_ops(resnet18_conv_shapes())
+        print("Top-level aten ops per tensor per step, ResNet-18's 20 conv weights:")
+        for label, count in ops.items():
+            print(f"  {label:22s} {count:7.2f}")
+        return {"aten_ops": ops}
     rounds = 3 if args.quick else args.repeats
     out: dict[str, object] = {"python_calls": python_calls()}
     print("Python calls per step() on one (64, 32, 3, 3) parameter:")
