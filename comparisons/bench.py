@@ -11,13 +11,22 @@ r"""The optimizer-step benchmark: every measure of the step's speed in one run.
    ratios, and the speed-up over geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on
    ``SphereExact`` (the rows of each weight as points).
 
+``--ops`` prints only measure 4, the **top-level aten ops per tensor per step** on
+ResNet-18's conv weights (width 8: the count depends on the shapes' structure, not their
+sizes): every ``aten::`` event that ``torch.profiler`` records during one ``step()`` and
+that no other ``aten::`` event encloses, divided by the 20 tensors; for SGDG and AdamG on
+the pure-torch twin of the fused kernel (``RBN_GEOOPT_KERNELS=torch``: the path of CUDA
+without triton, MPS, XPU; the step guard included) and on the Triton kernels (under
+Triton's interpreter when there is no GPU; the ops inside a launch not counted), beside
+torch's ``SGD(momentum, foreach)`` and ``Adam(foreach)`` (:func:`.bench_gpu.op_counts`).
+On a GPU most such ops are kernel launches. The counts are deterministic.
+
 Every method steps its own copy of the tensors with the same fixed gradients; the methods
 are timed in turn inside each round (:func:`comparisons.timing.interleaved`) and the
 medians compared, so machine noise hits all of them alike. Only the public API is used:
 the step of an optimizer is what a user pays (guard, bookkeeping and kernel). ``--quick``
-is the smoke run of the tests (few rounds, no ResNet-18). ``--ops`` adds the aten-op count
-per tensor of the GPU paths and ``--device cuda`` runs the device check instead
-(:mod:`comparisons.bench_gpu`).
+is the smoke run of the tests (few rounds, no ResNet-18). ``--device cuda`` runs the
+device check instead (:mod:`comparisons.bench_gpu`).
 """
 
 from __future__ import annotations
@@ -32,11 +41,11 @@ import torch
 
 from rbn_geoopt import SGDG, AdamG, Grassmann1
 
-from .bench_gpu import cuda_check, op_counts
+from .bench_gpu import cuda_check, op_counts, top_level_aten
 from .models import resnet18_conv_shapes
 from .timing import interleaved
 
-__all__ = ["count_calls", "main", "step_ratios"]
+__all__ = ["count_aten_ops", "count_calls", "main", "step_ratios"]
 
 LR, MOMENTUM, BETAS, EPS = 0.01, 0.9, (0.9, 0.99), 1e-8
 SMALL = [(16, 8, 3, 3)] * 20
@@ -124,6 +133,13 @@ def python_calls() -> dict[str, int]:
     }
 
 
+def count_aten_ops(step: Callable[[], object]) -> int:
+    """Top-level aten ops issued by one ``step()`` after one warm-up call
+    (:func:`.bench_gpu.top_level_aten`)."""
+    step()
+    return len(top_level_aten(step))
+
+
 def step_ratios(
     shapes, threads: int, rounds: int, with_geoopt: bool = True
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -158,9 +174,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measure")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no ResNet")
-    parser.add_argument("--ops", action="store_true", help="aten ops per tensor (GPU paths)")
+    parser.add_argument(
+        "--ops", action="store_true", help="only the top-level aten ops per tensor per step"
+    )
     parser.add_argument("--device", default="cpu", help="cuda: the device check instead")
     args = parser.parse_args(argv)
+    if args.ops:
+        ops = op_counts(resnet18_conv_shapes(width=8))
+        print("Top-level aten ops per tensor per step, ResNet-18's 20 conv weights:")
+        for label, count in ops.items():
+            print(f"  {label:28s} {count:7.2f}")
+        return {"aten_ops": ops}
     rounds = 3 if args.quick else args.repeats
     if args.device != "cpu":
         if args.device != "cuda":
@@ -178,11 +202,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         med, ratios = step_ratios(shapes, threads=2, rounds=rounds)
         out["resnet18"] = ratios
         _print_table("ResNet-18 conv weights (11.2M parameters), 2 threads:", med, ratios)
-    if args.ops:
-        out["ops"] = op_counts()
-        print("\nTop-level aten ops per tensor, one step on 20 conv weights (CPU profiler):")
-        for label, count in out["ops"].items():
-            print(f"  {label:28s} {count:7.2f}")
     return out
 
 

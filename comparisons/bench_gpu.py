@@ -1,7 +1,7 @@
 r"""The GPU path's measures, two sections of ``python -m comparisons.bench``.
 
 ``--ops``: top-level aten ops per ``Grassmann1`` tensor in one ``step()`` of SGDG / AdamG on
-20 conv weights ``(16, 8, 3, 3)`` (CPU, counted with ``torch.profiler``), with the torch
+given conv weight shapes (CPU, counted with ``torch.profiler``), with the torch
 twin (``RBN_GEOOPT_KERNELS=torch``, the path of CUDA without triton) and with the Triton
 kernels forced under Triton's interpreter (the ops the interpreter itself runs inside a
 launch are not counted: on a GPU a launch is one kernel), beside torch's foreach SGD/Adam.
@@ -88,8 +88,8 @@ def top_level_aten(step, exclude_triton: bool = False, launches: list | None = N
     return out
 
 
-def op_counts() -> dict[str, float]:
-    """Top-level aten ops per tensor per step (module docstring)."""
+def op_counts(shapes=SMALL) -> dict[str, float]:
+    """Top-level aten ops per tensor per step on ``shapes`` (module docstring)."""
     out: dict[str, float] = {}
     old = os.environ.get("RBN_GEOOPT_KERNELS")
     backends = ["torch"]
@@ -106,19 +106,19 @@ def op_counts() -> dict[str, float]:
         for backend in backends:
             os.environ["RBN_GEOOPT_KERNELS"] = backend
             for cls, hyper in ((SGDG, {"momentum": MOMENTUM}), (AdamG, {})):
-                opt = cls(_params(SMALL, "cpu", "ours"), lr=LR, **hyper)
+                opt = cls(_params(shapes, "cpu", "ours"), lr=LR, **hyper)
                 opt.step()  # state created
                 ops = top_level_aten(opt.step, exclude_triton=backend == "triton")
-                out[f"{cls.__name__} ({backend})"] = len(ops) / len(SMALL)
+                out[f"{cls.__name__} ({backend})"] = len(ops) / len(shapes)
     finally:
         if old is None:
             os.environ.pop("RBN_GEOOPT_KERNELS", None)
         else:
             os.environ["RBN_GEOOPT_KERNELS"] = old
     for cls, hyper in ((torch.optim.SGD, {"momentum": MOMENTUM}), (torch.optim.Adam, {})):
-        opt = cls(_params(SMALL, "cpu", "torch"), lr=LR, foreach=True, **hyper)
+        opt = cls(_params(shapes, "cpu", "torch"), lr=LR, foreach=True, **hyper)
         opt.step()
-        out[f"torch {cls.__name__} (foreach)"] = len(top_level_aten(opt.step)) / len(SMALL)
+        out[f"torch {cls.__name__} (foreach)"] = len(top_level_aten(opt.step)) / len(shapes)
     return out
 
 

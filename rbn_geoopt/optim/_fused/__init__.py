@@ -128,24 +128,6 @@ def _run_c(kernel: str, jobs: dict[torch.dtype, list[tuple]], numel: int, rows: 
     return bad
 
 
-def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """``t`` as ``(rows, n)``: a view when possible, else a copy (see ``_write_back``)."""
-    return None if t is None else t.reshape(-1, n)
-
-
-def _write_back(t: torch.Tensor | None, rows: torch.Tensor | None) -> None:
-    """Copy ``rows`` into ``t`` when ``_rows`` had to copy it (a strided tensor)."""
-    if t is not None and rows.data_ptr() != t.data_ptr():
-        t.copy_(rows.view(t.shape))
-
-
-def _first(mask: torch.Tensor) -> int:
-    """The first True row of ``mask``, or -1 (one synchronization on CUDA)."""
-    if not bool(mask.any()):
-        return -1
-    return int(mask.view(-1).nonzero()[0, 0])
-
-
 def _unstepped(bad: list[int]) -> None:
     """The guard refuses every row a kernel cannot step, so a flagged row means it was
     bypassed; such rows were left unchanged: say so rather than go on silently."""
@@ -158,10 +140,12 @@ def _unstepped(bad: list[int]) -> None:
 
 def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: str) -> None:
     """One SGD-G step of every ``(ys[i], gs[i], taus[i])``, points of G(1, ns[i]) in rows
-    (``taus[i]`` None without momentum), in place: :func:`.torch_twin.sgdg_rows_` per row."""
+    (``taus[i]`` None without momentum), in place: the C kernel, the Triton kernels, and
+    one batched :func:`.torch_twin.sgdg_many_` call for the tensors neither takes."""
     jobs: dict[torch.dtype, list[tuple]] = {}
     written, bad = [], []
     tri: tuple[list, ...] = ([], [], [], [])  # y, g, tau, n: the Triton kernels' tensors
+    twin: tuple[list, ...] = ([], [], [], [])
     numel = rows = 0
     for y, g, tau, n in zip(ys, gs, taus, ns, strict=True):
         count = y.numel() // n
@@ -177,10 +161,10 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
             for column, value in zip(tri, (y, g, tau, n), strict=True):
                 column.append(value)
             continue
-        yr, gr, tr = _rows(y, n), _rows(g, n), _rows(tau, n)
-        bad.append(_first(torch_twin.sgdg_rows_(yr, gr, tr, lr=lr, momentum=momentum, nu=nu)))
-        _write_back(y, yr)
-        _write_back(tau, tr)
+        for column, value in zip(twin, (y, g, tau, n), strict=True):
+            column.append(value)
+    if twin[0] and torch_twin.sgdg_many_(*twin, lr=lr, momentum=momentum, nu=nu):
+        bad.append(0)
     if jobs:
         bad += _run_c("sgdg_many", jobs, numel, rows, lr, momentum, nu)
         _written(written)
@@ -195,10 +179,12 @@ def adamg_(
 ) -> None:  # fmt: skip
     """One Adam-G step of every ``(ys[i], gs[i], ms[i], vs[i])`` (``vs[i]``: one second
     moment per row) with ``step_sizes[i] = lr sqrt(1 - beta2^k) / (1 - beta1^k)``, in place:
-    :func:`.torch_twin.adamg_rows_` per row."""
+    the C kernel, the Triton kernels, and one batched :func:`.torch_twin.adamg_many_` call
+    for the others."""
     jobs: dict[torch.dtype, list[tuple]] = {}
     written, bad = [], []
     tri: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size: Triton's
+    twin: tuple[list, ...] = ([], [], [], [], [], [])
     numel = rows = 0
     for y, g, m, v, n, step_size in zip(ys, gs, ms, vs, ns, step_sizes, strict=True):
         count = y.numel() // n
@@ -214,13 +200,10 @@ def adamg_(
             for column, value in zip(tri, (y, g, m, v, n, step_size), strict=True):
                 column.append(value)
             continue
-        yr, gr, mr, vr = _rows(y, n), _rows(g, n), _rows(m, n), _rows(v, 1)
-        mask = torch_twin.adamg_rows_(
-            yr, gr, mr, vr, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, nu=nu
-        )
-        bad.append(_first(mask))
-        for t, t_rows in ((y, yr), (m, mr), (v, vr)):
-            _write_back(t, t_rows)
+        for column, value in zip(twin, (y, g, m, v, n, step_size), strict=True):
+            column.append(value)
+    if twin[0] and torch_twin.adamg_many_(*twin, beta1=beta1, beta2=beta2, eps=eps, nu=nu):
+        bad.append(0)
     if jobs:
         bad += _run_c("adamg_many", jobs, numel, rows, beta1, beta2, eps, nu)
         _written(written)
@@ -244,11 +227,12 @@ def limits(dtype: torch.dtype) -> tuple[float, float, float]:
 def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
     """Per tensor, ``(first row with a bad point, first row with a bad gradient)`` (-1:
     none) by the rule of :func:`limits`: one read of every point and gradient, one C call
-    per dtype for the tensors the C kernel takes, torch reductions (one synchronization per
-    device) for the others."""
+    per dtype for the tensors the C kernel takes, one batched
+    :func:`.torch_twin.first_bad_rows` call (one synchronization per device and dtype)
+    for the others."""
     out: list[tuple[int, int] | None] = [None] * len(ys)
     c_jobs: dict[torch.dtype, list[tuple[int, tuple]]] = {}
-    pending: list[tuple[int, torch.Tensor]] = []
+    pending: list[int] = []
     tri: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor, int]]] = {}
     numel = rows = 0
     for i, (y, g, n) in enumerate(zip(ys, gs, ns, strict=True)):
@@ -262,7 +246,7 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
         elif triton_ok(choice, y, g):
             tri.setdefault(y.device, []).append((i, y, g, n))
         else:
-            pending.append((i, _torch_verdict(y.reshape(-1, n), g.reshape(-1, n))))
+            pending.append(i)
     threads = _nthreads(numel, rows)
     for dtype, items in c_jobs.items():
         found = _crows.check_rows([job for _, job in items], _C_DTYPES[dtype], threads)
@@ -272,31 +256,13 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
         found = _triton().check_rows(*zip(*[item[1:] for item in items], strict=True), limits)
         for (i, *_), pair in zip(items, found, strict=True):
             out[i] = pair
-    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-    for i, verdict in pending:
-        by_device.setdefault(verdict.device, []).append((i, verdict))
-    for items in by_device.values():
-        values = torch.stack([v for _, v in items]).tolist()
-        for (i, _), (point, grad) in zip(items, values, strict=True):
-            out[i] = (int(point), int(grad))
+    if pending:
+        found = torch_twin.first_bad_rows(
+            [ys[i] for i in pending], [gs[i] for i in pending], [ns[i] for i in pending], limits
+        )
+        for i, pair in zip(pending, found, strict=True):
+            out[i] = pair
     return out
-
-
-def _torch_verdict(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``[first bad point row, first bad gradient row]`` (-1: none) of ``(rows, n)``
-    matrices by the rule of :func:`limits`, as a device tensor."""
-    lo2, hi2, glim2 = limits(y.dtype)
-    yw, gw = torch_twin._working(y), torch_twin._working(g)
-    yy = torch_twin._dot(yw, yw).view(-1)
-    gg = torch_twin._dot(gw, gw).view(-1)
-    bad_point = ~((yy >= lo2) & (yy <= hi2))
-    bad_grad = ~((gg <= hi2) & (gg * yy * yy <= glim2))
-    index = torch.arange(len(yy), device=y.device)
-    none = torch.full_like(index, len(yy))
-    first = torch.stack(
-        [torch.where(bad_point, index, none).min(), torch.where(bad_grad, index, none).min()]
-    )
-    return torch.where(first == len(yy), -1, first)
 
 
 def sum_squares(t: torch.Tensor, choice: str) -> tuple[float, bool] | None:
