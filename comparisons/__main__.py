@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated study-A methods (default: all): "
         "sgd, sgdg, adamg, rsgd-sphere, rsgd-sphereexact, radam-sphere, "
-        "radam-sphereexact, adam",
+        "radam-sphereexact, adam, sgdp, adamp, adamw",
     )
     p.add_argument("--seeds", default=None, help="comma-separated integer seeds")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
@@ -136,18 +136,35 @@ def check_device(name: str):
     return device
 
 
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then run the studies; returns the files written."""
     studies = parse_studies(args.study, args.sweep)
     seeds = parse_seeds(args.seeds, args.mode)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    from .methods import parse_methods
+    from .methods import missing_packages, parse_methods
 
     try:
         methods = parse_methods(args.methods)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if "A" in studies or "sweep" in studies:
+        missing = missing_packages(methods)
+        if missing:
+            needs = "; ".join(f"{', '.join(keys)} need(s) {pkg}" for pkg, keys in missing.items())
+            raise UsageError(
+                f'{needs}, which is not installed: pip install -e ".[compare]" '
+                "(or leave the method(s) out with --methods)"
+            )
     out = check_out_dir(args.out)
 
     import geoopt
@@ -178,6 +195,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "geoopt": geoopt.__version__,
+            "adamp": _package_version("adamp"),
             "command": "python -m comparisons " + " ".join(sys.argv[1:]),
             "seconds": 0.0,
             "study_seconds": {},

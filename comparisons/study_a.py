@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import Split, carve_validation, subsample
-from .methods import Method
+from .methods import Method, hyperparameters, implementation
 from .train import lr_drops, train_run
 
 __all__ = ["BUDGETS", "run_study_a", "run_sweep", "summarize_method"]
@@ -194,7 +194,13 @@ def run_study_a(
                 )
                 runs.append(_compact(log, keep_steps=i == 0))
                 bar.update(1)
-            methods_out[method.label] = {"key": method.key, "lrs": method.lrs, "runs": runs}
+            methods_out[method.label] = {
+                "key": method.key,
+                "lrs": method.lrs,
+                "hyper": hyperparameters(method),
+                "implementation": implementation(method),
+                "runs": runs,
+            }
         base = methods_out.get(BASELINE) or next(iter(methods_out.values()))
         base_error = statistics.median(r["test_error"][-1] for r in base["runs"])
         for entry in methods_out.values():
@@ -293,6 +299,8 @@ def run_sweep(
         finals = [r["final_test_error"] for r in runs]
         out["methods"][method.label] = {
             "key": method.key,
+            "hyper": hyperparameters(method),
+            "implementation": implementation(method),
             # the test error of the non-chosen grid points is not kept: it played no part
             "grid": [{"lrs": t["lrs"], "val_error": t["val_error"]} for t in trials],
             "chosen": best["lrs"],
