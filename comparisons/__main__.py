@@ -8,7 +8,7 @@ data, bad seeds or device) prints one line ``error: ...`` and exits with status 
 Examples::
 
     python -m comparisons                       # --quick: all studies, <= 5 min on 2 cores
-    python -m comparisons --full --out results  # the README's table (about 55 min)
+    python -m comparisons --full --out results  # the README's table (about 75 min)
     python -m comparisons --sweep --study sweep # only the learning-rate sweep
     python -m comparisons --study B --seeds 0,1,2
 """
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mode",
         action="store_const",
         const="full",
-        help="the README's budget, about 55 min on 2 idle CPU cores",
+        help="the README's budget, about 75 min on 2 idle CPU cores",
     )
     mode.add_argument(
         "--smoke",
@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         action="store_true",
         help="also run the learning-rate sweep chosen on a validation split "
-        "(about 12 min with --quick on 2 idle cores; 55 min with --full measured on 2 "
-        "shared cores)",
+        "(estimated on 2 idle cores: about 16 min with --quick, 43 min with --full)",
     )
     p.add_argument(
         "--methods",
