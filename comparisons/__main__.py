@@ -8,7 +8,7 @@ data, bad seeds or device) prints one line ``error: ...`` and exits with status 
 Examples::
 
     python -m comparisons                       # --quick: all studies, <= 5 min on 2 cores
-    python -m comparisons --full --out results  # the README's table (about 55 min)
+    python -m comparisons --full --out results  # the README's table (about 75 min)
     python -m comparisons --sweep --study sweep # only the learning-rate sweep
     python -m comparisons --study B --seeds 0,1,2
 """
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="mode",
         action="store_const",
         const="full",
-        help="the README's budget, about 55 min on 2 idle CPU cores",
+        help="the README's budget, about 75 min on 2 idle CPU cores",
     )
     mode.add_argument(
         "--smoke",
@@ -68,15 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep",
         action="store_true",
         help="also run the learning-rate sweep chosen on a validation split "
-        "(about 12 min with --quick on 2 idle cores; 55 min with --full measured on 2 "
-        "shared cores)",
+        "(estimated on 2 idle cores: about 16 min with --quick, 43 min with --full)",
     )
     p.add_argument(
         "--methods",
         default=None,
         help="comma-separated study-A methods (default: all): "
         "sgd, sgdg, adamg, rsgd-sphere, rsgd-sphereexact, radam-sphere, "
-        "radam-sphereexact, adam",
+        "radam-sphereexact, adam, sgdp, adamp, adamw",
     )
     p.add_argument("--seeds", default=None, help="comma-separated integer seeds")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
@@ -136,18 +135,35 @@ def check_device(name: str):
     return device
 
 
+def _package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then run the studies; returns the files written."""
     studies = parse_studies(args.study, args.sweep)
     seeds = parse_seeds(args.seeds, args.mode)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    from .methods import parse_methods
+    from .methods import missing_packages, parse_methods
 
     try:
         methods = parse_methods(args.methods)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if "A" in studies or "sweep" in studies:
+        missing = missing_packages(methods)
+        if missing:
+            needs = "; ".join(f"{', '.join(keys)} need(s) {pkg}" for pkg, keys in missing.items())
+            raise UsageError(
+                f'{needs}, which is not installed: pip install -e ".[compare]" '
+                "(or leave the method(s) out with --methods)"
+            )
     out = check_out_dir(args.out)
 
     import geoopt
@@ -178,6 +194,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "geoopt": geoopt.__version__,
+            "adamp": _package_version("adamp"),
             "command": "python -m comparisons " + " ".join(sys.argv[1:]),
             "seconds": 0.0,
             "study_seconds": {},

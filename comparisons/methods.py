@@ -17,15 +17,30 @@ parameters are stepped:
 ``radam-sphere``               geoopt ``RiemannianAdam`` on ``Sphere`` (betas, eps as Adam-G)
 ``radam-sphereexact``          ... on ``SphereExact``
 ``adam``   Adam                torch Adam, lr 1e-3, no weight decay
+``sgdp``   SGDP                ``adamp.SGDP`` (the authors' package ``adamp`` 0.3.0) as a
+                               drop-in for ``sgd``: lr 0.1, Nesterov momentum 0.9, weight
+                               decay 5e-4, its published delta 0.1, wd_ratio 0.1, eps 1e-8
+``adamp``  AdamP               ``adamp.AdamP``, its published usage: lr 1e-3, betas
+                               (0.9, 0.999), eps 1e-8, decoupled weight decay 1e-2, delta
+                               0.1, wd_ratio 0.1, no Nesterov
+``adamw``  AdamW               torch AdamW (decoupled weight decay), its defaults: lr 1e-3,
+                               betas (0.9, 0.999), eps 1e-8, weight decay 1e-2
 =============================  =============================================================
+
+The three peers (and ``sgd``, ``adam``) step every parameter of the model in one group, BN
+parameters and biases included: SGDP/AdamP decide per step and per weight whether it looks
+scale invariant (cosine of gradient and weight below ``delta / sqrt(n)``) and then remove
+the radial part of its update and scale its weight decay by ``wd_ratio``. SGDP's weight
+decay ``p *= 1 - lr wd / (1 - momentum)`` matches torch SGD's coupled decay at steady state,
+so ``sgdp`` differs from ``sgd`` only by the projection.
 
 Every manifold method starts from the same unit rows (:func:`normalise_rows_`: geoopt's
 spheres need them, and ``to_grassmann`` itself keeps rows as they are). The four geoopt
 methods use the same learning rates, the same per-row gradient clipping and the same
 orthogonality term as SGD-G/Adam-G (applied by :class:`SphereHook` before the step), and
-the same Nesterov SGD for the other parameters, so that the only difference is the geometry
-of the update: geoopt's projection transport and (for ``Sphere``) its normalizing
-retraction, its ``eps`` outside the square root.
+the same Nesterov SGD for the other parameters, so that the only difference is the
+geometry of the update: geoopt's projection transport and (for ``Sphere``) its
+normalizing retraction, its ``eps`` outside the square root.
 
 Example::
 
@@ -36,8 +51,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.metadata
+import importlib.util
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import geoopt
 import torch
@@ -51,6 +70,9 @@ __all__ = [
     "Method",
     "Prepared",
     "grassmann_names",
+    "hyperparameters",
+    "implementation",
+    "missing_packages",
     "normalise_rows_",
     "parse_methods",
     "prepare",
@@ -75,6 +97,9 @@ class Method:
     ``"euclidean"`` (nothing on a manifold), ``"grassmann"``, ``"Sphere"`` or
     ``"SphereExact"``; ``lrs`` are the published learning rates (``lr`` for the plain
     parameters, ``lr_g`` for the G-weights) and ``grid`` the learning rates of the sweep.
+    A Euclidean method is built as ``optimizer(model.parameters(), lr=lr, **hyper)``, where
+    ``optimizer`` is ``"module.Class"`` and ``package`` the distribution that provides it
+    (None: torch).
     """
 
     key: str
@@ -83,15 +108,38 @@ class Method:
     geometry: str
     lrs: dict[str, float]
     grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    optimizer: str | None = None
+    hyper: dict[str, Any] = field(default_factory=dict)
+    package: str | None = None
 
 
 _SGDG_GRID = {"lr_g": (0.05, 0.2, 0.8), "lr": (0.01, 0.1)}
 _ADAMG_GRID = {"lr_g": (0.0125, 0.05, 0.2), "lr": (0.01, 0.1)}
+_SGD_GRID = {"lr": (0.03, 0.1, 0.3)}
+_ADAM_GRID = {"lr": (3e-4, 1e-3, 3e-3)}
+#: study A's SGD baseline; SGDP takes the same values (it is meant as a drop-in)
+_SGD_HYPER = {
+    "momentum": PAPER["momentum"],
+    "nesterov": True,
+    "weight_decay": PAPER["weight_decay"],
+}
+#: ``adamp``'s published defaults (its constructor; AdamP's weight decay from its README)
+_P_HYPER = {"delta": 0.1, "wd_ratio": 0.1, "eps": 1e-8}
+_ADAM_BETAS = (0.9, 0.999)
 
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
-        Method("sgd", "SGD", "sgd", "euclidean", {"lr": 0.1}, {"lr": (0.03, 0.1, 0.3)}),
+        Method(
+            "sgd",
+            "SGD",
+            "sgd",
+            "euclidean",
+            {"lr": 0.1},
+            _SGD_GRID,
+            "torch.optim.SGD",
+            _SGD_HYPER,
+        ),
         Method("sgdg", "SGD-G", "sgd", "grassmann", {"lr_g": 0.2, "lr": 0.01}, _SGDG_GRID),
         Method("adamg", "Adam-G", "adam", "grassmann", {"lr_g": 0.05, "lr": 0.01}, _ADAMG_GRID),
         Method(
@@ -126,7 +174,48 @@ METHODS: dict[str, Method] = {
             {"lr_g": 0.05, "lr": 0.01},
             _ADAMG_GRID,
         ),
-        Method("adam", "Adam", "adam", "euclidean", {"lr": 1e-3}, {"lr": (3e-4, 1e-3, 3e-3)}),
+        Method(
+            "adam",
+            "Adam",
+            "adam",
+            "euclidean",
+            {"lr": 1e-3},
+            _ADAM_GRID,
+            "torch.optim.Adam",
+            {"betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 0.0},
+        ),
+        Method(
+            "sgdp",
+            "SGDP",
+            "sgd",
+            "euclidean",
+            {"lr": 0.1},
+            _SGD_GRID,
+            "adamp.SGDP",
+            {**_SGD_HYPER, "dampening": 0.0, **_P_HYPER},
+            "adamp",
+        ),
+        Method(
+            "adamp",
+            "AdamP",
+            "adam",
+            "euclidean",
+            {"lr": 1e-3},
+            _ADAM_GRID,
+            "adamp.AdamP",
+            {"betas": _ADAM_BETAS, "weight_decay": 1e-2, "nesterov": False, **_P_HYPER},
+            "adamp",
+        ),
+        Method(
+            "adamw",
+            "AdamW",
+            "adam",
+            "euclidean",
+            {"lr": 1e-3},
+            _ADAM_GRID,
+            "torch.optim.AdamW",
+            {"betas": _ADAM_BETAS, "eps": 1e-8, "weight_decay": 1e-2},
+        ),
     )
 }
 
@@ -144,6 +233,78 @@ def parse_methods(text: str | Iterable[str] | None) -> list[Method]:
             f"known: {', '.join(METHODS)}"
         )
     return [METHODS[k] for k in dict.fromkeys(keys)]
+
+
+def missing_packages(methods: Iterable[Method]) -> dict[str, list[str]]:
+    """Package -> keys of the methods that need it, for the packages not installed.
+
+    >>> missing_packages([METHODS["sgd"], METHODS["sgdg"]])
+    {}
+    """
+    missing: dict[str, list[str]] = {}
+    for m in methods:
+        if m.package is not None and importlib.util.find_spec(m.package) is None:
+            missing.setdefault(m.package, []).append(m.key)
+    return missing
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def implementation(method: Method) -> str:
+    """Which code steps the method, with the version of the package that provides it.
+
+    >>> implementation(METHODS["sgdg"])
+    'rbn_geoopt.nn.paper_optimizer (SGDG)'
+    >>> implementation(METHODS["adamw"]).startswith("torch.optim.AdamW (torch ")
+    True
+    """
+    if method.geometry == "grassmann":
+        return f"rbn_geoopt.nn.paper_optimizer ({'SGDG' if method.rule == 'sgd' else 'AdamG'})"
+    if method.geometry != "euclidean":
+        opt = "RiemannianSGD" if method.rule == "sgd" else "RiemannianAdam"
+        return (
+            f"geoopt.optim.{opt} on geoopt.{method.geometry} (geoopt {_version('geoopt')}) "
+            "+ torch.optim.SGD"
+        )
+    package = method.package or "torch"
+    return f"{method.optimizer} ({package} {_version(package)})"
+
+
+def hyperparameters(method: Method) -> dict[str, Any]:
+    """Every fixed hyper-parameter of ``method`` other than its learning rates (these are
+    in ``Method.lrs`` or the sweep's chosen point). The manifold methods' values are
+    :data:`PAPER`'s: the G-weights' rule, then ``plain_*`` for the other parameters.
+
+    >>> hyperparameters(METHODS["adamw"])
+    {'betas': (0.9, 0.999), 'eps': 1e-08, 'weight_decay': 0.01}
+    >>> hyperparameters(METHODS["sgdg"])["grad_clip"]
+    0.1
+    """
+    if method.geometry == "euclidean":
+        return dict(method.hyper)
+    if method.rule == "sgd":
+        rule = {"momentum": PAPER["momentum"]}
+    else:
+        rule = {"betas": PAPER["betas"], "eps": PAPER["eps"]}
+    return {
+        **rule,
+        "grad_clip": PAPER["grad_clip"],
+        "omega": PAPER["omega"],
+        "plain_momentum": PAPER["momentum"],
+        "plain_nesterov": True,
+        "plain_weight_decay": PAPER["weight_decay"],
+    }
+
+
+def _build_euclidean(method: Method, params: list, lr: float) -> torch.optim.Optimizer:
+    module, _, name = method.optimizer.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(params, lr=lr, **method.hyper)
 
 
 class OptimizerChain:
@@ -326,10 +487,7 @@ def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = Non
     lrs = {**method.lrs, **(lrs or {})}
     g_names = grassmann_names(model)
     if method.geometry == "euclidean":
-        if method.rule == "sgd":
-            opt = torch.optim.SGD(**_euclidean_sgd_group(list(model.parameters()), lrs["lr"]))
-        else:
-            opt = torch.optim.Adam(model.parameters(), lr=lrs["lr"])
+        opt = _build_euclidean(method, list(model.parameters()), lrs["lr"])
         return Prepared(model, opt, None, g_names)
 
     if method.geometry == "grassmann":

@@ -26,6 +26,8 @@ import matplotlib.ticker  # noqa: E402
 __all__ = ["write_all", "summary_markdown"]
 
 NONE = "—"
+#: study A's methods from outside this project and geoopt, drawn dotted
+PEERS = ("sgdp", "adamp", "adamw")
 
 
 def _num(x: float | None, digits: int = 2) -> str:
@@ -48,6 +50,37 @@ def _lrs(lrs: dict | None) -> str:
     if not lrs:
         return NONE
     return ", ".join(f"{k}={v:g}" for k, v in lrs.items())
+
+
+def _value(v) -> str:
+    if isinstance(v, bool) or isinstance(v, str):
+        return str(v)
+    if isinstance(v, (int, float)):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_value(x) for x in v) + ")"
+    return str(v)
+
+
+def _hyper(hyper: dict | None) -> str:
+    """``{"betas": [0.9, 0.999], "nesterov": True}`` -> ``betas=(0.9, 0.999), nesterov=True``."""
+    if not hyper:
+        return NONE
+    return ", ".join(f"{k}={_value(v)}" for k, v in hyper.items())
+
+
+def implementations_markdown(methods: dict) -> list[str]:
+    """Which code steps each method, and its fixed hyper-parameters (results before these
+    were recorded have neither: no table)."""
+    rows = [
+        [label, e["implementation"], _hyper(e.get("hyper"))]
+        for label, e in methods.items()
+        if "implementation" in e
+    ]
+    if not rows:
+        return []
+    header = ["Method", "implementation", "fixed hyper-parameters (learning rates above)"]
+    return ["Implementations:", ""] + _table(header, rows) + [""]
 
 
 def _model_name(spec: dict) -> str:
@@ -95,6 +128,9 @@ def study_a_markdown(result: dict) -> list[str]:
                 ]
             )
         lines += _table(header, rows) + [""]
+    models = list(result["models"].values())
+    if models:
+        lines += implementations_markdown(models[0]["methods"])
     return lines
 
 
@@ -230,7 +266,8 @@ def summary_markdown(results: dict) -> str:
         "",
         f"Mode `{meta.get('mode')}`, device `{meta.get('device')}`, seeds {meta.get('seeds')}, "
         f"torch {meta.get('torch')}, geoopt {meta.get('geoopt')}, "
-        f"wall time {meta.get('seconds', 0):.0f} s.",
+        + (f"adamp {meta['adamp']}, " if meta.get("adamp") else "")
+        + f"wall time {meta.get('seconds', 0):.0f} s.",
         "",
     ]
     if meta.get("runs"):  # merged from several runs (comparisons.merge)
@@ -265,7 +302,7 @@ def plot_study_a(result: dict, out: Path) -> list[Path]:
             runs = entry["runs"]
             epochs = range(1, len(runs[0]["train_loss"]) + 1)
             loss = [statistics.median(r["train_loss"][e - 1] for r in runs) for e in epochs]
-            style = "--" if "Riemannian" in label else "-"
+            style = "--" if "Riemannian" in label else ":" if entry.get("key") in PEERS else "-"
             ax_loss.plot(epochs, loss, style, marker="o", ms=3, label=label)
             ax_err.plot(
                 epochs, entry["summary"]["test_error_curve_median"], style, marker="o", ms=3
@@ -278,7 +315,7 @@ def plot_study_a(result: dict, out: Path) -> list[Path]:
         ax_loss.set_ylabel("training loss (epoch mean, median over seeds)")
         ax_err.set_ylabel("test error % (median over seeds)")
         handles, labels = ax_loss.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
         fig.suptitle(f"Study A, {key}: same init, data order and LR schedule", fontsize=9)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         path = out / f"study_a_{key}_curves.png"

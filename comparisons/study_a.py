@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import Split, carve_validation, subsample
-from .methods import Method
+from .methods import Method, hyperparameters, implementation
 from .train import lr_drops, train_run
 
 __all__ = ["BUDGETS", "run_study_a", "run_sweep", "summarize_method"]
@@ -38,12 +38,16 @@ __all__ = ["BUDGETS", "run_study_a", "run_sweep", "summarize_method"]
 _VGG = {"name": "vgg", "widths": (16, 32, 64, 64)}
 _RESNET = {"name": "preact_resnet", "widths": (16, 32, 64), "blocks": 1}
 
-#: Sizes per mode. Measured on 2 idle cores of the project machine (torch 2.13, CPU): the
-#: quick study A (120k training and 48k test images through the VGG net) took 115 s, about
-#: 0.85 ms per training image (a test image a third of that); the pre-activation ResNet costs
-#: about the same. Estimated from that: full study A about 54 min, sweep with --quick about
-#: 12 min (measured: 28 min with 1 thread on a shared machine), with --full about 32 min
-#: (measured: 55 min on 2 cores shared with other work).
+#: Sizes per mode. Measured on 2 idle cores of the project machine (torch 2.13, CPU), with
+#: the 8 methods of before SGDP/AdamP/AdamW: the quick study A (120k training and 48k test
+#: images through the VGG net) took 115 s, about 0.85 ms per training image (a test image a
+#: third of that); the pre-activation ResNet costs about the same. A training step of the
+#: three peers costs what the others' does (0.7-1.1x SGD's, 1 thread, this machine), so 11
+#: methods cost 11/8 of 8: the quick study trains on 3,500 images instead of 5,000 to stay
+#: at about 115 s (137k image-equivalents, was 136k). Estimated from that: full study A
+#: about 75 min (54 min with 8 methods), sweep with --quick about 16 min, with --full about
+#: 43 min (measured with 8 methods: 28 min with --quick, 1 thread, and 55 min with --full,
+#: 2 cores, both on a machine shared with other work).
 #: A machine shared with other jobs can take twice as long.
 BUDGETS = {
     "smoke": {
@@ -80,7 +84,7 @@ BUDGETS = {
     },
     "quick": {
         "models": [
-            {"key": "vgg", "model": _VGG, "train": 5000, "test": 2000, "epochs": 3},
+            {"key": "vgg", "model": _VGG, "train": 3500, "test": 2000, "epochs": 3},
         ],
         "sweep": {"model": _VGG, "fit": 6000, "val": 2000, "test": 2000, "epochs": 3},
     },
@@ -194,7 +198,13 @@ def run_study_a(
                 )
                 runs.append(_compact(log, keep_steps=i == 0))
                 bar.update(1)
-            methods_out[method.label] = {"key": method.key, "lrs": method.lrs, "runs": runs}
+            methods_out[method.label] = {
+                "key": method.key,
+                "lrs": method.lrs,
+                "hyper": hyperparameters(method),
+                "implementation": implementation(method),
+                "runs": runs,
+            }
         base = methods_out.get(BASELINE) or next(iter(methods_out.values()))
         base_error = statistics.median(r["test_error"][-1] for r in base["runs"])
         for entry in methods_out.values():
@@ -293,6 +303,8 @@ def run_sweep(
         finals = [r["final_test_error"] for r in runs]
         out["methods"][method.label] = {
             "key": method.key,
+            "hyper": hyperparameters(method),
+            "implementation": implementation(method),
             # the test error of the non-chosen grid points is not kept: it played no part
             "grid": [{"lrs": t["lrs"], "val_error": t["val_error"]} for t in trials],
             "chosen": best["lrs"],

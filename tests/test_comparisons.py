@@ -7,6 +7,7 @@ needs no installed data set; one test reads the real files when they are install
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 import math
 import os
@@ -34,10 +35,12 @@ from comparisons.methods import (
     METHODS,
     PAPER,
     current_weight,
+    missing_packages,
     normalise_rows_,
     parse_methods,
     prepare,
 )
+from comparisons.methods import hyperparameters as study_hyper
 from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
 from comparisons.train import angle_monitor, lr_drops, row_angles, train_run
 
@@ -51,7 +54,32 @@ ISSUE_LABELS = [
     "RiemannianAdam (Sphere)",
     "RiemannianAdam (SphereExact)",
     "Adam",
+    "SGDP",
+    "AdamP",
+    "AdamW",
 ]
+#: the peers' published values (adamp 0.3.0: constructor defaults, AdamP's weight decay from
+#: its README; SGDP with study A's SGD values; torch AdamW's defaults), as results.json has them
+PEER_HYPER = {
+    "SGDP": {
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "dampening": 0.0,
+        "delta": 0.1,
+        "wd_ratio": 0.1,
+        "eps": 1e-8,
+    },
+    "AdamP": {
+        "betas": [0.9, 0.999],
+        "weight_decay": 1e-2,
+        "nesterov": False,
+        "delta": 0.1,
+        "wd_ratio": 0.1,
+        "eps": 1e-8,
+    },
+    "AdamW": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2},
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -170,6 +198,25 @@ def test_smoke_results_are_complete_and_finite(smoke_out):
             assert 0 <= s["test_error_median"] <= 100
             assert s["train_loss_median"] > 0 and s["seconds_per_epoch"] > 0
     assert list(results["sweep"]["methods"]) == ISSUE_LABELS
+    # every method's implementation and fixed hyper-parameters are recorded, the peers' as
+    # published, in study A and in the sweep
+    version = importlib.metadata.version("adamp")
+    assert results["meta"]["adamp"] == version
+    for methods in [m["methods"] for m in results["A"]["models"].values()] + [
+        results["sweep"]["methods"]
+    ]:
+        assert all(e["hyper"] and e["implementation"] for e in methods.values())
+        for label, hyper in PEER_HYPER.items():
+            assert methods[label]["hyper"] == hyper, label
+        assert methods["SGDP"]["implementation"] == f"adamp.SGDP (adamp {version})"
+        assert methods["AdamP"]["implementation"] == f"adamp.AdamP (adamp {version})"
+        assert methods["AdamW"]["implementation"].startswith("torch.optim.AdamW (torch 2.")
+        assert methods["SGD-G"]["hyper"]["grad_clip"] == PAPER["grad_clip"]
+    for label in PEER_HYPER:
+        assert results["A"]["models"]["vgg"]["methods"][label]["lrs"] == {
+            "lr": METHODS[label.lower()].lrs["lr"]
+        }
+        assert set(results["sweep"]["methods"][label]["chosen"]) == {"lr"}
     b = results["B"]["sizes"]["20"]["methods"]
     assert b["pymanopt TrustRegions (Sphere)"]["iterations"] is not None
     assert b["SGD-G"]["iterations"] is not None
@@ -204,6 +251,9 @@ def test_smoke_summary_has_a_table_per_study_with_the_issue_names(smoke_out):
     assert "Speed-up over geoopt on the same weights" in text
     assert "SGD-G (paper recipe)" in rows and "Adam-G (paper recipe)" in rows
     assert "nan" not in text.lower() and "inf " not in text.lower()
+    assert f"adamp {importlib.metadata.version('adamp')}" in text
+    impl_rows = [line for line in text.splitlines() if line.startswith("| AdamP | adamp.AdamP")]
+    assert impl_rows and "delta=0.1, wd_ratio=0.1" in impl_rows[0], impl_rows
 
 
 # -------------------------------------------------------------------------- bad input
@@ -277,11 +327,29 @@ def _error_line(capsys) -> str:
         (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
         (["--seeds", "-1"], "non-negative"),
         (["--device", "nonsense"], "is not a torch device"),
+        (["--methods", "sgdp,adamw,nope"], "unknown method name(s) 'nope'"),
     ],
 )
 def test_bad_names_give_one_line_and_exit_2(argv, needle, capsys, tmp_path):
     assert cli.main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert needle in _error_line(capsys)
+
+
+def test_missing_peer_package_gives_one_line(capsys, tmp_path, monkeypatch):
+    """Without ``adamp`` installed, SGDP/AdamP are refused before anything runs."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "adamp" else real(name, *a)
+    )
+    argv = ["--study", "A", "--methods", "sgd,adamp,sgdp", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    assert "adamp, sgdp need(s) adamp" in line and 'pip install -e ".[compare]"' in line
+    assert not (tmp_path / "o").exists()
+    assert missing_packages([METHODS["sgd"], METHODS["adamw"]]) == {}
+    assert missing_packages([METHODS["adamp"]]) == {"adamp": ["adamp"]}
 
 
 def test_unwritable_out_gives_one_line(capsys, tmp_path):
@@ -673,3 +741,122 @@ def test_step_benchmark_smoke_and_python_call_budget():
     out = bench.main(["--quick"])
     assert out["python_calls"]["SGDG"] <= 60 and out["python_calls"]["AdamG"] <= 60
     assert all(ratio > 0 for ratio in out["small"].values())
+
+
+# ---------------------------------------------------------------- the peers: SGDP, AdamP, AdamW
+def test_peer_methods_are_built_with_their_published_values():
+    """Each peer is its package's optimizer, one group over every parameter, with the values
+    results.json records; SGDP/AdamP's delta, wd_ratio, eps (and AdamP's betas) are the
+    constructor defaults of the installed ``adamp``."""
+    import inspect
+
+    import adamp
+
+    classes = {"sgdp": adamp.SGDP, "adamp": adamp.AdamP, "adamw": torch.optim.AdamW}
+    for key, cls in classes.items():
+        method = METHODS[key]
+        prepared = prepare(method, VGGNet((4, 8, 8, 8)))
+        opt = prepared.optimizer
+        assert type(opt) is cls and prepared.before_step is None, key
+        (group,) = opt.param_groups
+        assert len(group["params"]) == len(list(prepared.model.parameters()))
+        assert group["lr"] == method.lrs["lr"]
+        recorded = json.loads(json.dumps(study_hyper(method)))
+        assert recorded == PEER_HYPER[method.label], key
+        for name, value in method.hyper.items():
+            assert group[name] == value, (key, name)
+        if cls is not torch.optim.AdamW:
+            defaults = inspect.signature(cls.__init__).parameters
+            for name in ("delta", "wd_ratio", "eps") + (("betas",) if key == "adamp" else ()):
+                assert group[name] == defaults[name].default, (key, name)
+    # SGDP is a drop-in for study A's SGD: same values, plus the projection's
+    assert {k: METHODS["sgdp"].hyper[k] for k in METHODS["sgd"].hyper} == METHODS["sgd"].hyper
+
+
+def _peer_first_step_reference(
+    key: str, w: torch.Tensor, g: torch.Tensor, plain: bool = False
+) -> torch.Tensor:
+    """One step from fresh state, written out from the published rules (float64).
+
+    For a weight that feeds a BatchNorm every row of ``g`` is (nearly) orthogonal to its row
+    of ``w``, so SGDP/AdamP take their channel-wise projection ``P`` (the radial part of
+    the update removed) and decay by ``wd * wd_ratio``.
+    SGDP (Nesterov, buffer = g): ``w (1 - lr wd wd_ratio / (1 - m)) - lr P(g + m g)``.
+    AdamP / AdamW (bias-corrected first step: ``m_hat / (sqrt(v_hat) + eps) = g / (|g| +
+    eps)``): ``w (1 - lr wd r) - lr P(g / (|g| + eps))`` with r = wd_ratio and P the
+    projection for AdamP, r = 1 and no projection for AdamW. ``plain``: SGDP/AdamP as if
+    they never projected (P = identity, r = 1): what a wrongly wired step would give.
+    """
+    method = METHODS[key]
+    h, lr = dict(method.hyper), method.lrs["lr"]
+    if plain:
+        h["wd_ratio"] = 1.0
+    rows = w.reshape(w.shape[0], -1)
+    unit = rows / (rows.norm(dim=1, keepdim=True) + h["eps"])  # adamp's p / (|p| + eps)
+
+    def project(u: torch.Tensor) -> torch.Tensor:
+        if plain:
+            return u
+        u = u.reshape(rows.shape)
+        return (u - unit * (unit * u).sum(1, keepdim=True)).reshape(w.shape)
+
+    if key == "sgdp":
+        m = h["momentum"]
+        decay = lr * h["weight_decay"] * h["wd_ratio"] / (1 - m)
+        return w * (1 - decay) - lr * project(g + m * g)
+    adam_step = g / (g.abs() + h["eps"])
+    if key == "adamp":
+        return w * (1 - lr * h["weight_decay"] * h["wd_ratio"]) - lr * project(adam_step)
+    return w * (1 - lr * h["weight_decay"]) - lr * adam_step
+
+
+@pytest.mark.parametrize("key", ["sgdp", "adamp", "adamw"])
+def test_peer_first_step_matches_the_published_rule_on_the_scale_invariant_weights(key):
+    """One float64 step of the wired optimizer on the VGG's BN-fed conv weights equals the
+    rule written out by hand; plain SGD/Adam (a method wired to the wrong optimizer, or
+    with other hyper-parameters) would miss it by the decay or the projection."""
+    torch.manual_seed(5)
+    model = VGGNet((4, 8, 8, 8)).double()
+    prepared = prepare(METHODS[key], model)
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(prepared.model(x), y).backward()
+    named = dict(prepared.model.named_parameters())
+    before = {n: (named[n].detach().clone(), named[n].grad.clone()) for n in prepared.g_names}
+    prepared.optimizer.step()
+    assert len(before) == 4  # every conv of this small VGG feeds a BN with p < n
+    for name, (w, g) in before.items():
+        rows_w, rows_g = w.reshape(w.shape[0], -1), g.reshape(g.shape[0], -1)
+        cos = (rows_w * rows_g).sum(1) / (rows_w.norm(dim=1) * rows_g.norm(dim=1))
+        # nearly tangent (BN's eps leaves a radial part of a few 1e-6): SGDP/AdamP's
+        # channel-wise test |cos| < delta / sqrt(n) holds, so they project
+        assert float(cos.abs().max()) < 1e-4 < 0.1 / math.sqrt(rows_w.shape[1])
+        expected = _peer_first_step_reference(key, w, g)
+        moved = float((expected - w).abs().max())
+        torch.testing.assert_close(named[name].detach(), expected, rtol=0, atol=1e-9 * moved)
+        if key != "adamw":  # without the projection and wd_ratio: SGD / AdamW, far off
+            plain = _peer_first_step_reference(key, w, g, plain=True)
+            assert float((named[name].detach() - plain).abs().max()) > 1e3 * 1e-9 * moved
+
+
+@pytest.mark.parametrize(("key", "lr"), [("sgdp", 0.1), ("adamp", 1e-2), ("adamw", 1e-2)])
+def test_peer_methods_train_and_learn(fake_data, key, lr):
+    """Each peer learns the synthetic task far past chance (90 %) through ``train_run``,
+    the path study A and the sweep take, LR drop included (the Adam types at lr 1e-2: the
+    published 1e-3 needs more than these 114 steps on this task)."""
+    train, test = load_fashion_mnist(fake_data)
+    log = train_run(
+        METHODS[key],
+        {"name": "vgg", "widths": (8, 8, 8, 8)},
+        train,
+        {"test": test},
+        epochs=3,
+        drops=[2],
+        seed=0,
+        batch_size=16,
+        lrs={"lr": lr},
+        progress=False,
+    )
+    assert log["train_loss"][-1] < 0.5 * log["train_loss"][0], (key, log["train_loss"])
+    assert log["test_error"][-1] < 20.0, (key, log["test_error"])
+    assert len(log["angle_per_step"]["features.3.weight"]) == 3 * math.ceil(600 / 16)
