@@ -40,6 +40,17 @@ from geoopt.utils import size2shape
 __all__ = ["Grassmann1", "is_grassmann1", "sinc"]
 
 _HALF = (torch.float16, torch.bfloat16)
+# largest entries for which <a, a> is computed unscaled (no overflow for any point size below
+# 2^48, no underflow of the largest square); outside, points are scaled by powers of two
+_BAND = {torch.float32: (2.0**-40, 2.0**40), torch.float64: (2.0**-400, 2.0**400)}
+
+
+def _mul(t: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+    return t if k is None else t * k
+
+
+def _div(t: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+    return t if k is None else t / k
 
 
 def _in_float32(fn: Callable) -> Callable:
@@ -150,23 +161,35 @@ class Grassmann1(Manifold):
     def _squeeze(self, t: torch.Tensor, keepdim: bool) -> torch.Tensor:
         return t if keepdim else t.squeeze(self._dims) if t.dim() >= self.ndim else t
 
-    def _pow2(self, a: torch.Tensor) -> torch.Tensor:
-        """Per point, the power of two ``k`` with ``max |k a|`` in ``[1, 2)``.
+    def _pow2(self, a: torch.Tensor) -> torch.Tensor | None:
+        """Per point, the power of two ``k`` with ``max |k a|`` in ``[1, 2)``, or None for
+        ``k = 1`` when no point of a CPU tensor needs one.
 
         ``k`` is clamped to ``[tiny, 1 / tiny]`` (a normal number, so ``k a`` and ``b / k``
         are exact); a row whose largest entry is below ``tiny`` (subnormal) or zero gets
         ``k = 2^126`` (float32) and ``max |k a| < 1``. Either way ``<k a, k a>`` neither
-        overflows nor underflows, which is what every operator needs.
+        overflows nor underflows, which is what every operator needs. Scaling by a power of
+        two commutes with rounding, so when every largest entry lies in ``_BAND`` (where
+        ``<a, a>`` is safe unscaled) ``k = 1`` gives the same floats and saves the scaled
+        copies; that test is only made on the CPU, where reading it back costs nothing.
         """
+        a = a.detach()
+        m = torch.maximum(
+            a.amax(dim=self._dims, keepdim=True), -a.amin(dim=self._dims, keepdim=True)
+        )
+        if a.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = _BAND[a.dtype]
+            if bool(((m >= lo) & (m <= hi)).all()):
+                return None
         tiny = torch.finfo(a.dtype).tiny
-        m = a.detach().abs().amax(dim=self._dims, keepdim=True).clamp_min(tiny)
+        m = m.clamp_min(tiny)
         return (2 * torch.frexp(m).mantissa / m).clamp_min(tiny)  # 2^(1 - e), m = f 2^e
 
-    def _scaled(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scaled(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(k a, |k a|, k)`` with ``k`` from ``_pow2``: ``|a| = |k a| / k`` without forming
         ``|a|``, which may lie outside the float range."""
         k = self._pow2(a)
-        scaled = a * k
+        scaled = _mul(a, k)
         return scaled, self._norm(scaled), k
 
     def _point(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,15 +205,20 @@ class Grassmann1(Manifold):
         return us / torch.where(ru > 0, ru, 1), ru, ku
 
     @staticmethod
-    def _times_ratio(a: torch.Tensor, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        """``a * num / den`` for powers of two ``num``, ``den`` in the normal range, exact
-        whenever the result is: ``num / den`` is formed first when it is representable (both
-        on the same side of 1), else the two factors move ``a`` the same way in turn."""
+    def _times_ratio(
+        a: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``a * num / den`` for powers of two ``num``, ``den`` in the normal range (None:
+        1), exact whenever the result is: ``num / den`` is formed first when it is
+        representable (both on the same side of 1), else the two factors move ``a`` the same
+        way in turn."""
+        if num is None or den is None:
+            return _div(_mul(a, num), den)
         same = (num >= 1) == (den >= 1)
         return torch.where(same, a * (num / den), a * num / den)
 
     def _metric_length(
-        self, rs: torch.Tensor, k: torch.Tensor, u: torch.Tensor
+        self, rs: torch.Tensor, k: torch.Tensor | None, u: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(e, t)`` for a tangent ``u`` at the point ``(rs, k)``: ``e = u / |u|`` (0 where
         ``u = 0``) and ``t = |u| / |x|``, the metric length."""
@@ -250,7 +278,7 @@ class Grassmann1(Manifold):
         xh = self._point(x)[0]
         along = self._dot(xh, u).abs()
         _, ru, ku = self._scaled(u)
-        limit = atol + rtol * (ru / ku)
+        limit = atol + rtol * _div(ru, ku)
         if not bool((along <= limit).all()):
             return False, f"`<x, u> != 0` with atol={atol}, rtol={rtol}"
         return True, None
@@ -278,7 +306,7 @@ class Grassmann1(Manifold):
             inner = inner * inner
         else:
             _, rs, k = self._scaled(x)
-            inner = self._dot(u * k, v * k) / (rs * rs)
+            inner = self._dot(_mul(u, k), _mul(v, k)) / (rs * rs)
         target = torch.broadcast_shapes(
             x.shape[: x.dim() - self.ndim] + (1,) * self.ndim, inner.shape
         )
@@ -329,7 +357,7 @@ class Grassmann1(Manifold):
         """
         xs, rs, k = self._scaled(x)
         core = torch.addcmul(u * (rs * rs), xs, self._dot(xs, u), value=-1)
-        return core / k / k
+        return _div(_div(core, k), k)
 
     # ------------------------------------------------------- exponential map
     def _step(self, x: torch.Tensor, u: torch.Tensor):
@@ -361,7 +389,7 @@ class Grassmann1(Manifold):
         ``(v + <e, v> ((cos t - 1) e - sin t xh)) / |x|``, ``e = u / |u|``, ``t = |u| / |x|``.
         """
         xh, rs, k, e, t, cos, sin, _ = self._step(x, u)
-        return self._follow(xh, e, t, sin, v * k / rs)
+        return self._follow(xh, e, t, sin, _mul(v, k) / rs)
 
     transp_follow_retr = transp_follow_expmap
 
@@ -371,7 +399,7 @@ class Grassmann1(Manifold):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expmap(x, u), transp_follow_expmap(x, u, v))`` sharing the work."""
         xh, rs, k, e, t, cos, sin, y = self._step(x, u)
-        return y, self._follow(xh, e, t, sin, v * k / rs)
+        return y, self._follow(xh, e, t, sin, _mul(v, k) / rs)
 
     retr_transp = expmap_transp
 
@@ -423,7 +451,7 @@ class Grassmann1(Manifold):
         Scales with ``x``: finite whenever ``pi/2 |x|`` is.
         """
         _, _, k, _, theta, w, _, _ = self._angle_parts(x, y)
-        return w / sinc(theta) / k
+        return _div(w / sinc(theta), k)
 
     @_in_float32
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -436,8 +464,8 @@ class Grassmann1(Manifold):
         xh, rs, k, s, theta, w, ry, ky = self._angle_parts(x, y)
         rw = self._norm(w)
         e = w / torch.where(rw > 0, rw, 1)  # w = 0: no move, e unused
-        moved = self._follow(xh, e, theta, torch.sin(theta), v * k / rs)
-        return moved * (s * ry) / ky
+        moved = self._follow(xh, e, theta, torch.sin(theta), _mul(v, k) / rs)
+        return _div(moved * (s * ry), ky)
 
     # --------------------------------------------------------------- sampling
     def random_uniform(

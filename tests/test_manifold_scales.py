@@ -173,6 +173,27 @@ def test_power_of_two_scales_give_bit_identical_results(case):
         assert torch.equal(out, expected), name
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_unscaled_shortcut_gives_the_same_floats(dtype):
+    """On the CPU, a tensor whose points all have largest entries of moderate size skips
+    the scaled copies (k = 1): one far-out point in the same tensor forces the scaled path
+    on every point, and the other points' results must not change by a single bit."""
+    gen = torch.Generator().manual_seed(5)
+    man = Grassmann1(ndim=2)
+    shape = (6, 3, 4)
+    ins = [t.to(dtype) for t in _unit_inputs(shape, 2, gen)]
+    c, b = (_scales(shape[:1] + (1, 1), dtype, gen, exponent=8) for _ in range(2))
+    far = 2.0 ** (100 if dtype == F32 else 1000)
+    ones = torch.ones(1, 1, 1, dtype=F64)
+    moderate, _ = _ops(man, *ins, c, b)
+    mixed, _ = _ops(
+        man, *(torch.cat([t, t[:1]]) for t in ins), torch.cat([c, far * ones]), torch.cat([b, ones])
+    )
+    for name, (out, _) in moderate.items():
+        assert bool(torch.isfinite(mixed[name][0][-1]).all()), name
+        assert torch.equal(mixed[name][0][:-1], out), name
+
+
 # ------------------------------------------------------------- the issue's cases
 
 
