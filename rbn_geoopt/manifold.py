@@ -175,11 +175,14 @@ class Grassmann1(Manifold):
         """
         a = a.detach()
         m = torch.maximum(
-            a.amax(dim=self._dims, keepdim=True), -a.amin(dim=self._dims, keepdim=True)
+            a.amax(dim=self._dims, keepdim=True), a.amin(dim=self._dims, keepdim=True).neg_()
         )
         if a.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = _BAND[a.dtype]
-            if bool(((m >= lo) & (m <= hi)).all()):
+            if m.numel() == 0:
+                return None
+            smallest, largest = torch.aminmax(m)
+            if lo <= smallest.item() and largest.item() <= hi:  # False for NaN
                 return None
         tiny = torch.finfo(a.dtype).tiny
         m = m.clamp_min(tiny)
