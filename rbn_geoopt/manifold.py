@@ -15,7 +15,14 @@ horizontal space at ``y``   ``{v : <y, v> = 0}``
 ``dist(x, y)``              ``2 atan2(|xh - s yh|, |xh + s yh|)``, ``s = sign(<x, y>)``
 ==========================  ===========================================================
 
-All divisions by ``|u|`` are written through ``sinc`` so that ``u = 0`` is exact and finite.
+Scale: each operator first brings every point, and every tangent vector whose length it
+needs, to order 1 by a power of two per point (exact), so any finite non-zero
+representative works, subnormal entries and entries near the largest float included, and
+every operator is exactly scale covariant (bit-identical results for power-of-two scales).
+Results are exact to a few ulps wherever they are floats themselves; a tangent vector whose
+metric length ``|u| / r`` is beyond the float range gives ``norm = inf`` and NaN steps,
+never a finite wrong value (docs/design.md, "The manifold Grassmann1", *Numerics*).
+``u / |u|`` is taken as 0 at ``u = 0``, so zero steps and vectors are exact and finite.
 """
 
 from __future__ import annotations
@@ -33,6 +40,17 @@ from geoopt.utils import size2shape
 __all__ = ["Grassmann1", "is_grassmann1", "sinc"]
 
 _HALF = (torch.float16, torch.bfloat16)
+# largest entries for which <a, a> is computed unscaled (no overflow for any point size below
+# 2^48, no underflow of the largest square); outside, points are scaled by powers of two
+_BAND = {torch.float32: (2.0**-40, 2.0**40), torch.float64: (2.0**-400, 2.0**400)}
+
+
+def _mul(t: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+    return t if k is None else t * k
+
+
+def _div(t: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+    return t if k is None else t / k
 
 
 def _in_float32(fn: Callable) -> Callable:
@@ -90,7 +108,8 @@ class Grassmann1(Manifold):
     The trailing ``ndim`` dimensions of a tensor form one point: a linear weight
     ``(out, in)`` is ``out`` points of G(1, in) with ``Grassmann1()``, a conv weight
     ``(out, in, kh, kw)`` is ``out`` points of G(1, in*kh*kw) with ``Grassmann1(ndim=3)``.
-    Any non-zero vector is a valid representative; the metric is the paper's
+    Any finite non-zero vector is a valid representative, at any scale the dtype holds
+    (float32 rows of norm 1e-30 or 1e20 work like unit rows); the metric is the paper's
     ``g_y(u, v) = <u, v> / <y, y>`` on the horizontal space ``<y, v> = 0``, which makes
     every operator invariant under ``y -> a y`` (``a != 0``). ``expmap`` is the retraction
     (exact, returns the unit representative) and ``transp_follow_expmap`` is exact parallel
@@ -109,6 +128,9 @@ class Grassmann1(Manifold):
     >>> w = geoopt.ManifoldParameter(torch.randn(16, 3, 3, 3), manifold=Grassmann1(ndim=3))
     >>> Grassmann1(ndim=3).dist(w, -2.0 * w).abs().max().item()
     0.0
+    >>> tiny = torch.tensor([[3e-30, 4e-30]])
+    >>> Grassmann1().projx(tiny), Grassmann1().norm(tiny, torch.tensor([[-4e-30, 3e-30]]))
+    (tensor([[0.6000, 0.8000]]), tensor([1.]))
     """
 
     name = "Grassmann1"
@@ -132,11 +154,95 @@ class Grassmann1(Manifold):
         return (a * b).sum(dim=self._dims, keepdim=True)
 
     def _norm(self, a: torch.Tensor) -> torch.Tensor:
-        """Euclidean ``|a|`` over the point dimensions, kept as size-1 dims."""
+        """Euclidean ``|a|`` over the point dimensions, kept as size-1 dims (unscaled: only
+        for tensors whose largest entry is of order 1)."""
         return torch.linalg.vector_norm(a, dim=self._dims, keepdim=True)
 
     def _squeeze(self, t: torch.Tensor, keepdim: bool) -> torch.Tensor:
         return t if keepdim else t.squeeze(self._dims) if t.dim() >= self.ndim else t
+
+    def _pow2(self, a: torch.Tensor) -> torch.Tensor | None:
+        """Per point, the power of two ``k`` with ``max |k a|`` in ``[1, 2)``, or None for
+        ``k = 1`` when no point of a CPU tensor needs one.
+
+        ``k`` is clamped to ``[tiny, 1 / tiny]`` (a normal number, so ``k a`` and ``b / k``
+        are exact); a row whose largest entry is below ``tiny`` (subnormal) or zero gets
+        ``k = 2^126`` (float32) and ``max |k a| < 1``. Either way ``<k a, k a>`` neither
+        overflows nor underflows, which is what every operator needs. Scaling by a power of
+        two commutes with rounding, so when every largest entry lies in ``_BAND`` (where
+        ``<a, a>`` is safe unscaled) ``k = 1`` gives the same floats and saves the scaled
+        copies; that test is only made on the CPU, where reading it back costs nothing.
+        """
+        a = a.detach()
+        m = torch.maximum(
+            a.amax(dim=self._dims, keepdim=True), a.amin(dim=self._dims, keepdim=True).neg_()
+        )
+        if a.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = _BAND[a.dtype]
+            if m.numel() == 0:
+                return None
+            smallest, largest = torch.aminmax(m)
+            if lo <= smallest.item() and largest.item() <= hi:  # False for NaN
+                return None
+        tiny = torch.finfo(a.dtype).tiny
+        m = m.clamp_min(tiny)
+        return (2 * torch.frexp(m).mantissa / m).clamp_min(tiny)  # 2^(1 - e), m = f 2^e
+
+    def _scaled(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(k a, |k a|, k)`` with ``k`` from ``_pow2``: ``|a| = |k a| / k`` without forming
+        ``|a|``, which may lie outside the float range."""
+        k = self._pow2(a)
+        scaled = _mul(a, k)
+        return scaled, self._norm(scaled), k
+
+    def _point(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(xh, rs, k)`` of a point: ``xh = x / |x|``, ``|x| = rs / k``. A zero row gives
+        NaN (it is no point)."""
+        xs, rs, k = self._scaled(x)
+        return xs / rs, rs, k
+
+    def _direction(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(e, ru, ku)`` of a tangent vector: ``e = u / |u|`` (0 where ``u = 0``),
+        ``|u| = ru / ku``."""
+        us, ru, ku = self._scaled(u)
+        return us / torch.where(ru > 0, ru, 1), ru, ku
+
+    @staticmethod
+    def _times_ratio(
+        a: torch.Tensor, num: torch.Tensor | None, den: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``a * num / den`` for powers of two ``num``, ``den`` in the normal range (None:
+        1), exact whenever the result is: ``num / den`` is formed first when it is
+        representable (both on the same side of 1), else the two factors move ``a`` the same
+        way in turn."""
+        if num is None or den is None:
+            return _div(_mul(a, num), den)
+        same = (num >= 1) == (den >= 1)
+        return torch.where(same, a * (num / den), a * num / den)
+
+    def _metric_length(
+        self, rs: torch.Tensor, k: torch.Tensor | None, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e, t)`` for a tangent ``u`` at the point ``(rs, k)``: ``e = u / |u|`` (0 where
+        ``u = 0``) and ``t = |u| / |x|``, the metric length."""
+        e, ru, ku = self._direction(u)
+        return e, self._times_ratio(ru / rs, k, ku)
+
+    def _follow(
+        self,
+        xh: torch.Tensor,
+        e: torch.Tensor,
+        t: torch.Tensor,
+        sin: torch.Tensor,
+        vt: torch.Tensor,
+    ) -> torch.Tensor:
+        """Parallel transport of ``vt`` (at the unit point ``xh``) along the great circle
+        ``xh cos(s) + e sin(s)`` to ``s = t``: ``vt + <e, vt> ((cos t - 1) e - sin t xh)``,
+        with ``cos t - 1 = -2 sin(t/2)^2`` (no cancellation)."""
+        ev = self._dot(e, vt)
+        half = torch.sin(t / 2)
+        moved = torch.addcmul(vt, e, ev * (-2 * half * half))
+        return torch.addcmul(moved, xh, ev * -sin)
 
     # ------------------------------------------------------------------ checks
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
@@ -156,11 +262,12 @@ class Grassmann1(Manifold):
     def _check_point_on_manifold(
         self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        norm = self._norm(x).squeeze(self._dims)
-        bad = ~(torch.isfinite(norm) & (norm > 0))
+        # the largest entry, not the norm: |x| of a finite x may underflow or overflow
+        largest = x.detach().abs().amax(dim=self._dims)
+        bad = ~(torch.isfinite(largest) & (largest > 0))
         if bad.any():
             index = tuple(int(i) for i in bad.nonzero()[0])
-            what = "zero vector" if norm[index] == 0 else "non-finite vector"
+            what = "zero vector" if largest[index] == 0 else "non-finite vector"
             return False, (
                 f"`x` holds a {what} at batch index {index}: "
                 "a point of G(1,n) must be a non-zero finite vector"
@@ -170,9 +277,11 @@ class Grassmann1(Manifold):
     def _check_vector_on_tangent(
         self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        # <x, u> / |x| is the component of u along the line, in the units of u
-        along = (self._dot(x, u) / self._norm(x)).abs()
-        limit = atol + rtol * self._norm(u)
+        # <xh, u> is the component of u along the line, in the units of u
+        xh = self._point(x)[0]
+        along = self._dot(xh, u).abs()
+        _, ru, ku = self._scaled(u)
+        limit = atol + rtol * _div(ru, ku)
         if not bool((along <= limit).all()):
             return False, f"`<x, u> != 0` with atol={atol}, rtol={rtol}"
         return True, None
@@ -187,10 +296,20 @@ class Grassmann1(Manifold):
         *,
         keepdim: bool = False,
     ) -> torch.Tensor:
-        """``g_x(u, v) = <u, v> / <x, x>``; ``v = None`` means ``v = u``."""
+        """``g_x(u, v) = <u, v> / <x, x>``; ``v = None`` means ``v = u`` (then ``|u|_x^2``).
+
+        Computed as ``<k u, k v> / |k x|^2`` with ``k`` the power of two that brings ``x``
+        to order 1, so any representative works. Exact to a few ulps while ``|u|_x``,
+        ``|v|_x`` and the result are normal floats (else inf, or an absolute error below
+        ``n`` times the smallest normal float); ``v = None`` is ``norm(x, u)^2``, exact
+        whenever the result is a float.
+        """
         if v is None:
-            v = u
-        inner = self._dot(u, v) / self._dot(x, x)
+            inner = self.norm(x, u, keepdim=True)
+            inner = inner * inner
+        else:
+            _, rs, k = self._scaled(x)
+            inner = self._dot(_mul(u, k), _mul(v, k)) / (rs * rs)
         target = torch.broadcast_shapes(
             x.shape[: x.dim() - self.ndim] + (1,) * self.ndim, inner.shape
         )
@@ -203,48 +322,65 @@ class Grassmann1(Manifold):
 
     @_in_float32
     def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
-        """``|u|_x = |u| / |x|``."""
-        n = self._norm(u) / self._norm(x)
+        """``|u|_x = |u| / |x|``, both norms scaled (exact whenever the result is a float).
+
+        >>> x, u = torch.tensor([1e-30, 0.0]), torch.tensor([0.0, 2e-30])
+        >>> Grassmann1().norm(x, u)
+        tensor(2.)
+        """
+        _, rs, k = self._scaled(x)
+        _, ru, ku = self._scaled(u)
+        n = self._times_ratio(ru / rs, k, ku)
         target = torch.broadcast_shapes(x.shape[: x.dim() - self.ndim] + (1,) * self.ndim, n.shape)
         return self._squeeze(n.expand(target), keepdim)
 
     # ------------------------------------------------------------ projections
     @_in_float32
     def projx(self, x: torch.Tensor) -> torch.Tensor:
-        """The canonical unit representative ``x / |x|``."""
-        return x / self._norm(x)
+        """The canonical unit representative ``x / |x|``, for any finite non-zero ``x``.
+
+        >>> Grassmann1().projx(torch.tensor([3e-40, 4e-40]))  # subnormal entries
+        tensor([0.6000, 0.8000])
+        """
+        return self._point(x)[0]
 
     @_in_float32
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Horizontal projection ``u - <x, u> / <x, x> * x``."""
-        return u - (self._dot(x, u) / self._dot(x, x)) * x
+        """Horizontal projection ``u - <x, u> / <x, x> * x = u - <xh, u> xh``."""
+        xh = self._point(x)[0]
+        return torch.addcmul(u, xh, self._dot(xh, u), value=-1)
 
     @_in_float32
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Riemannian gradient ``<x, x> u - <x, u> x`` (at unit ``x``: ``u - <x, u> x``)."""
-        return self._dot(x, x) * u - self._dot(x, u) * x
+        """Riemannian gradient ``<x, x> u - <x, u> x`` (at unit ``x``: ``u - <x, u> x``).
+
+        Computed as ``(|k x|^2 u - <k x, u> k x) / k / k`` with ``k`` the power of two that
+        brings ``x`` to order 1: the result scales as ``|x|^2 |u|`` and is exact whenever it
+        is a float and ``8 n max |u|`` is one (``n`` the point size).
+        """
+        xs, rs, k = self._scaled(x)
+        core = torch.addcmul(u * (rs * rs), xs, self._dot(xs, u), value=-1)
+        return _div(_div(core, k), k)
 
     # ------------------------------------------------------- exponential map
-    def _expmap_parts(self, x: torch.Tensor, u: torch.Tensor):
-        r = self._norm(x)
-        xh = x / r
-        t = self._norm(u) / r
-        return r, xh, t
+    def _step(self, x: torch.Tensor, u: torch.Tensor):
+        """``(xh, rs, k, e, t, cos t, sin t, y)`` of the geodesic ``expmap(x, s u)``."""
+        xh, rs, k = self._point(x)
+        e, t = self._metric_length(rs, k, u)
+        cos, sin = torch.cos(t), torch.sin(t)
+        return xh, rs, k, e, t, cos, sin, torch.addcmul(xh * cos, e, sin)
 
     @_in_float32
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``xh cos(t) + u sin(t) / |u|`` with ``t = |u| / |x|``: a unit representative."""
-        r, xh, t = self._expmap_parts(x, u)
-        return xh * torch.cos(t) + u * (sinc(t) / r)
+        """``xh cos(t) + e sin(t)``, ``e = u / |u|``, ``t = |u| / |x|``: a unit representative.
+
+        >>> y = Grassmann1().expmap(torch.tensor([1e20, 0.0]), torch.tensor([0.0, 1e20]))
+        >>> torch.allclose(y, torch.tensor([math.cos(1.0), math.sin(1.0)]))
+        True
+        """
+        return self._step(x, u)[-1]
 
     retr = expmap
-
-    def _transport(self, r, xh, t, u, v):
-        # (v + <e,v>((cos t - 1) e - sin t xh)) / r with e = u/|u|, |u| = t r:
-        # <e,v>(cos t - 1) e = -<u,v> u sinc(t/2)^2 / (2 r^2);  <e,v> sin t = <u,v> sinc(t) / r
-        uv = self._dot(u, v)
-        half = sinc(t / 2)
-        return (v - uv * (u * (half * half / (2 * r * r)) + xh * (sinc(t) / r))) / r
 
     @_in_float32
     def transp_follow_expmap(
@@ -255,8 +391,8 @@ class Grassmann1(Manifold):
         Expressed at the unit point ``expmap(x, u)``:
         ``(v + <e, v> ((cos t - 1) e - sin t xh)) / |x|``, ``e = u / |u|``, ``t = |u| / |x|``.
         """
-        r, xh, t = self._expmap_parts(x, u)
-        return self._transport(r, xh, t, u, v)
+        xh, rs, k, e, t, cos, sin, _ = self._step(x, u)
+        return self._follow(xh, e, t, sin, _mul(v, k) / rs)
 
     transp_follow_retr = transp_follow_expmap
 
@@ -265,35 +401,37 @@ class Grassmann1(Manifold):
         self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expmap(x, u), transp_follow_expmap(x, u, v))`` sharing the work."""
-        r, xh, t = self._expmap_parts(x, u)
-        y = xh * torch.cos(t) + u * (sinc(t) / r)
-        return y, self._transport(r, xh, t, u, v)
+        xh, rs, k, e, t, cos, sin, y = self._step(x, u)
+        return y, self._follow(xh, e, t, sin, _mul(v, k) / rs)
 
     retr_transp = expmap_transp
 
     # -------------------------------------------------- distance and logmap
     def _angle_parts(self, x: torch.Tensor, y: torch.Tensor):
-        """``(xh, s, theta, w)`` for the pair ``[x], [y]``, with ``|w| = |x| sin(theta)``.
+        """``(xh, rs, k, s, theta, w, ry, ky)`` for the pair ``[x], [y]``: ``|x| = rs / k``,
+        ``|y| = ry / ky``, and ``w``, of length ``rs sin(theta)``, is the part of ``s y``
+        orthogonal to ``x`` at the scale of ``xs = k x``.
 
-        ``s = sign(<x, y>)`` (``+1`` at 0) picks the nearer representative; ``z = s k y``
-        with ``k = |x| / |y|`` is that representative at the scale of ``x`` (the rounding
-        error of ``k y`` is carried exactly by ``_two_prod``; an error in ``k`` itself is
-        radial and drops out of ``w``), ``d = z - x`` is exact by Sterbenz for nearby points,
-        and ``w = d - <d, xh> xh`` is the part of ``z`` orthogonal to ``x``.
+        Both points are first brought to order 1 by powers of two (``xs = k x``,
+        ``ys = ky y``, exact). ``s = sign(<x, y>)`` (``+1`` at 0) picks the nearer
+        representative; ``z = s c ys`` with ``c = |xs| / |ys|`` is that representative at the
+        scale of ``xs`` (the rounding error of ``c ys`` is carried exactly by ``_two_prod``;
+        an error in ``c`` itself is radial and drops out of ``w``), ``d = z - xs`` is exact by
+        Sterbenz for nearby points, and ``w = d - <d, xh> xh``.
         ``theta = atan2(|w|, <z, xh>)`` is the same angle as ``2 atan2(|xh - s yh|,
         |xh + s yh|)`` but keeps full relative precision for nearby points, where both forms
-        beat ``acos`` of a clamped cosine. Representatives must have norms within float
-        range: ``|y|`` above ~1e154 (float64) or ~1e19 (float32) overflows the norm.
+        beat ``acos`` of a clamped cosine.
         """
-        rx = self._norm(x)
-        xh = x / rx
-        k = rx / self._norm(y)
-        k = torch.where(self._dot(x, y) < 0, -k, k)
-        z, z_err = _two_prod(k, y)
-        d = (z - x) + z_err
+        xs, rs, k = self._scaled(x)
+        xh = xs / rs
+        ys, ry, ky = self._scaled(y)
+        c = rs / ry
+        c = torch.where(self._dot(xh, ys) < 0, -c, c)
+        z, z_err = _two_prod(c, ys)
+        d = (z - xs) + z_err
         w = d - self._dot(d, xh) * xh
         theta = torch.atan2(self._norm(w), self._dot(z, xh).clamp_min(0))
-        return xh, torch.sign(k), theta, w
+        return xh, rs, k, torch.sign(c), theta, w, ry, ky
 
     @_in_float32
     def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
@@ -303,7 +441,7 @@ class Grassmann1(Manifold):
         0); computed from the exact difference ``s y - x`` (see ``_angle_parts``), so it stays
         exact to a few ulps for distances near 0, unlike ``acos`` of a clamped cosine.
         """
-        theta = self._angle_parts(x, y)[2]
+        theta = self._angle_parts(x, y)[4]
         return self._squeeze(theta, keepdim)
 
     @_in_float32
@@ -313,9 +451,10 @@ class Grassmann1(Manifold):
         ``|x| theta w / |w|`` with ``w`` the part of ``s y`` (rescaled to ``|x|``) orthogonal
         to ``x``; written as ``w / sinc(theta)`` so that it is exact at ``theta = 0``. At the
         cut locus (``<x, y> = 0``) ``s = +1`` picks one of the two minimizing geodesics.
+        Scales with ``x``: finite whenever ``pi/2 |x|`` is.
         """
-        _, _, theta, w = self._angle_parts(x, y)
-        return w / sinc(theta)
+        _, _, k, _, theta, w, _, _ = self._angle_parts(x, y)
+        return _div(w / sinc(theta), k)
 
     @_in_float32
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -325,11 +464,11 @@ class Grassmann1(Manifold):
         ``a`` times the lift at ``y``, so the metric norm is preserved for any ``a != 0``.
         Computed as ``s |y| transp_follow_expmap(xh, logmap(xh, y), v / |x|)``.
         """
-        rx, ry = self._norm(x), self._norm(y)
-        xh, s, theta, w = self._angle_parts(x, y)
-        u = w / (rx * sinc(theta))  # logmap at the unit representative xh
-        moved = self._transport(torch.ones_like(rx), xh, theta, u, v / rx)
-        return moved * (s * ry)
+        xh, rs, k, s, theta, w, ry, ky = self._angle_parts(x, y)
+        rw = self._norm(w)
+        e = w / torch.where(rw > 0, rw, 1)  # w = 0: no move, e unused
+        moved = self._follow(xh, e, theta, torch.sin(theta), _mul(v, k) / rs)
+        return _div(moved * (s * ry), ky)
 
     # --------------------------------------------------------------- sampling
     def random_uniform(
