@@ -35,7 +35,7 @@ from torch.fx import GraphModule, Node
 
 from ..manifold import Grassmann1, is_grassmann1
 from ._ops import Blocked, describe
-from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Propagation, arg, fetch
+from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Hit, Propagation, arg, fetch
 from ._trace import propagate_shapes, trace
 
 __all__ = ["Finding", "Plan", "analyse", "find_scale_invariant", "is_grassmann1"]
@@ -48,18 +48,35 @@ _TRANSPOSED_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpos
 class Finding:
     """What the dataflow analysis found about one weight (``find_scale_invariant``).
 
-    ``invariant``: every output row reaches BatchNorm channels only through operations that
-    commute with positive scaling (over all the weight's uses). ``reason`` says why or why
-    not. ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n`` (``W`` is ``p`` points of
-    G(1, n)). ``tied``: the same Parameter is used more than once (several modules or
-    calls). ``converted``: already a ``ManifoldParameter`` on :class:`Grassmann1`.
-    ``batchnorms``: the BatchNorm modules its rows reach. ``manifold``: the name of another
-    manifold the weight is already on (then it is left alone).
+    ``invariant``: EACH output row is scale invariant on its own -- every row reaches
+    normaliser groups that hold that row only (BatchNorm channels, InstanceNorm, ...)
+    through operations that commute with positive scaling (over all the weight's uses);
+    then ``W`` is ``rows`` points of G(1, ``row_length``). ``reason`` says why or why not.
+    ``points``: the number of blocks of the finest partition of the rows into blocks of
+    consecutive rows that are each scale invariant (``W.reshape(points, -1)[k]`` times any
+    ``a_k > 0`` leaves the output unchanged): ``rows`` when ``invariant``; fewer behind a
+    normaliser of several channels jointly (``G`` behind ``GroupNorm(G, C)``, 1 behind a
+    LayerNorm over all channels, one per head behind a QK-norm); 0 when no such partition
+    exists. A weight with ``0 < points < rows`` is NOT ``invariant`` (``invariant`` keeps
+    its meaning, each row a point) and is not converted: G(1, n) points made of blocks are
+    not supported yet (docs/design.md, "Which weights are scale invariant").
+    ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n``. ``tied``: the same Parameter
+    is used more than once (several modules or calls). ``converted``: already a
+    ``ManifoldParameter`` on :class:`Grassmann1`. ``batchnorms``: the BatchNorm modules its
+    rows reach; ``normalisers``: every normaliser they reach (BatchNorms included).
+    ``manifold``: the name of another manifold the weight is already on (then it is left
+    alone).
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(2, 4), nn.BatchNorm1d(4))
     >>> f = find_scale_invariant(net)["1.weight"]
-    >>> f.invariant, f.wide, f.selected(), f.selected(all_shapes=True)
-    (True, False, False, True)
+    >>> f.invariant, f.points, f.wide, f.selected(), f.selected(all_shapes=True)
+    (True, 4, False, False, True)
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.GroupNorm(2, 8))
+    >>> f = find_scale_invariant(net)["0.weight"]
+    >>> f.invariant, f.points, f.selected(all_shapes=True)
+    (False, 2, False)
+    >>> print(f.reason.split("; ")[0])
+    its rows are scale invariant jointly in 2 blocks of 4 (GroupNorm '1')
     """
 
     name: str
@@ -71,6 +88,21 @@ class Finding:
     converted: bool = False
     batchnorms: tuple[str, ...] = ()
     manifold: str | None = None
+    #: blocks of consecutive rows that are each scale invariant (None: ``rows`` when
+    #: ``invariant``, else 0)
+    points: int | None = None
+    normalisers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.points is None:
+            object.__setattr__(self, "points", self.rows if self.invariant else 0)
+        points = self.points
+        if not 0 <= points <= self.rows or (points and self.rows % points):
+            raise ValueError(f"Finding '{self.name}': points={points} does not divide rows")
+        if self.invariant != (points == self.rows and points > 0):
+            raise ValueError(
+                f"Finding '{self.name}': invariant={self.invariant} needs points == rows"
+            )
 
     @property
     def wide(self) -> bool:
@@ -83,6 +115,7 @@ class Finding:
             return True
         return (
             self.invariant
+            and self.points == self.rows
             and not self.tied
             and self.manifold is None
             and self.row_length >= 2
@@ -92,7 +125,12 @@ class Finding:
     def __str__(self) -> str:
         tags = [f"{self.rows}x{self.row_length}"]
         tags += ["tied"] * self.tied + ["converted"] * self.converted
-        verdict = "scale invariant" if self.invariant else "not scale invariant"
+        if self.invariant:
+            verdict = "scale invariant"
+        elif self.points:
+            verdict = f"scale invariant in {_plural(self.points, 'block')}"
+        else:
+            verdict = "not scale invariant"
         return f"{self.name} [{', '.join(tags)}]: {verdict}: {self.reason}"
 
 
@@ -292,7 +330,9 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
     # A Linear's input rank decides where its rows land; without evidence try 2-D and 3-D:
     # a reason that holds for both is reported, anything else is refused (issue 12, item 5).
     tries = [_follow(param, p_uses, prop, dict.fromkeys(unknown, rank)) for rank in (2, 3)]
-    if not any(t["invariant"] for t in tries) and tries[0]["reason"] == tries[1]["reason"]:
+    if not any(t["invariant"] or t.get("points") for t in tries) and (
+        tries[0]["reason"] == tries[1]["reason"]
+    ):
         return tries[0]
     label = describe(unknown[0], prop.modules)
     return dict(
@@ -332,11 +372,89 @@ def _follow(param, p_uses: list[_Use], prop: Propagation, assumed: dict) -> dict
         return dict(invariant=False, reason=outcome.reason)
     if not outcome.hits:
         return dict(invariant=False, reason="its output reaches no BatchNorm")
-    names = tuple(dict.fromkeys(name for name, _, _ in outcome.hits))
+    names = tuple(dict.fromkeys(h.name for h in outcome.hits if h.batchnorm))
+    found = dict(batchnorms=names, normalisers=tuple(dict.fromkeys(h.name for h in outcome.hits)))
     if outcome.bias_issue is not None:
-        return dict(invariant=False, reason=outcome.bias_issue, batchnorms=names)
-    quoted = ", ".join(f"'{n}'" for n in names)
-    return dict(invariant=True, reason=f"it feeds BatchNorm {quoted}", batchnorms=names)
+        return dict(invariant=False, reason=outcome.bias_issue, **found)
+    rows = int(param.shape[0])
+    component = _components(rows, outcome.hits)
+    joint = [h.label for h in outcome.hits if _joins(h)]
+    points, block = _blocks(component)
+    if points == rows:
+        if all(h.batchnorm for h in outcome.hits):
+            quoted = ", ".join(f"'{n}'" for n in names)
+            return dict(invariant=True, reason=f"it feeds BatchNorm {quoted}", **found)
+        labels = ", ".join(dict.fromkeys(h.label for h in outcome.hits))
+        return dict(invariant=True, reason=f"it feeds {labels}", **found)
+    via = ", ".join(dict.fromkeys(joint))
+    if points:
+        reason = (
+            f"its rows are scale invariant jointly in {_plural(points, 'block')} of {block} "
+            f"({via}); "
+            "converting such weights is not supported yet"
+        )
+        return dict(invariant=False, reason=reason, points=points, **found)
+    first = int((component != torch.arange(rows)).nonzero()[0, 0])
+    members = (component == component[first]).nonzero().flatten().tolist()
+    shown = members if len(members) <= 8 else members[:8] + ["..."]
+    reason = (
+        f"its rows are scale invariant only jointly, in sets that are not blocks of "
+        f"consecutive rows of equal size (rows {shown} together, {via})"
+    )
+    return dict(invariant=False, reason=reason, **found)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("s" if count != 1 else "")
+
+
+def _joins(hit: Hit) -> bool:
+    """Whether ``hit`` normalises two different rows in one group."""
+    groups = hit.pairs[:, 0]
+    return bool(len(groups)) and len(torch.unique(groups)) < len(groups)
+
+
+def _components(rows: int, hits: list[Hit]) -> torch.Tensor:
+    """Union-find over rows: rows sharing a normaliser group are one component; the label of
+    each row is the smallest row of its component.
+
+    >>> pairs = torch.tensor([[0, 0], [0, 2], [1, 3], [1, 4], [2, 4], [2, 5]])
+    >>> _components(6, [Hit("n", "n", False, pairs)]).tolist()
+    [0, 1, 0, 3, 3, 3]
+    """
+    label = torch.arange(rows, dtype=torch.long)
+    parts, offset = [], 0
+    for hit in hits:
+        if len(hit.pairs):
+            parts.append(hit.pairs + torch.tensor([offset, 0]))
+            offset += int(hit.pairs[:, 0].max()) + 1
+    if not parts:
+        return label
+    pairs = torch.cat(parts)
+    group, row = pairs[:, 0], pairs[:, 1]
+    while True:
+        low = torch.full((offset,), rows, dtype=torch.long)
+        low = low.scatter_reduce(0, group, label[row], "amin")
+        new = label.scatter_reduce(0, row, low[group], "amin")
+        new = new[new]
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def _blocks(component: torch.Tensor) -> tuple[int, int]:
+    """``(points, block)`` when the components are consecutive blocks of one size, else
+    ``(0, 0)``.
+
+    >>> _blocks(torch.tensor([0, 0, 2, 2])), _blocks(torch.tensor([0, 1, 0, 1]))
+    ((2, 2), (0, 0))
+    """
+    rows = len(component)
+    block = int((component == 0).sum())
+    if rows % block:
+        return 0, 0
+    expected = torch.arange(rows) // block * block
+    return (rows // block, block) if torch.equal(component, expected) else (0, 0)
 
 
 def find_scale_invariant(
