@@ -337,3 +337,26 @@ def test_batchnorm_models_unchanged_points_equal_rows(factory):
     for f in find_scale_invariant(model.train()).values():
         assert f.points == (f.rows if f.invariant else 0), str(f)
         assert set(f.normalisers) == set(f.batchnorms)
+
+
+def test_instancenorm_fed_weights_convert_like_batchnorm_fed_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.InstanceNorm2d(6, affine=True), nn.ReLU())
+    model.append(nn.Conv2d(6, 4, 1)).append(nn.GroupNorm(2, 4))
+    x = _x(2, 3, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    assert to_grassmann(model, all_shapes=True) == ["0.weight"]  # 3.weight: bias before GroupNorm
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_tiny_efficientnet_no_false_positive_at_any_granularity():
+    from .test_nn_timm import _model
+    from .test_nn_timm import _x as timm_x
+
+    model, x = _model(), timm_x()
+    findings = find_scale_invariant(model)
+    for f in findings.values():
+        assert f.points == (f.rows if f.invariant else 0), str(f)
+    assert_no_false_positive(model, findings, x)
