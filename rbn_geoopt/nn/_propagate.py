@@ -314,9 +314,10 @@ class Propagation:
         except ValueError as exc:
             hint = "" if self.shapes else " (layout assumed: pass example_inputs=... to check)"
             raise Blocked(f"at {op.label}: {exc}{hint}") from None
-        pairs = torch.unique(
-            torch.stack([group.reshape(-1), state.ids.reshape(-1).long()], 1), dim=0
-        )
+        ids = state.ids.reshape(-1).long()
+        span = int(ids.max()) + 2 if ids.numel() else 1  # ids run from -1
+        keys = torch.unique(group.reshape(-1) * span + ids + 1)  # one 1-D sort, not dim=0
+        pairs = torch.stack([keys // span, keys % span - 1], 1)
         fed = pairs[:, 1] >= 0
         mixed = set(pairs[fed, 0].tolist()) & set(pairs[~fed, 0].tolist())
         if mixed:

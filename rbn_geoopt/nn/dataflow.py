@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..manifold import Grassmann1, is_grassmann1
+from ._blocks import partition_verdict
 from ._ops import Blocked, describe
-from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Hit, Propagation, arg, fetch
+from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Propagation, arg, fetch
 from ._trace import propagate_shapes, trace
 
 __all__ = ["Finding", "Plan", "analyse", "find_scale_invariant", "is_grassmann1"]
@@ -128,7 +129,8 @@ class Finding:
         if self.invariant:
             verdict = "scale invariant"
         elif self.points:
-            verdict = f"scale invariant in {_plural(self.points, 'block')}"
+            count = self.points
+            verdict = f"scale invariant in {count} block" + ("s" if count != 1 else "")
         else:
             verdict = "not scale invariant"
         return f"{self.name} [{', '.join(tags)}]: {verdict}: {self.reason}"
@@ -376,85 +378,12 @@ def _follow(param, p_uses: list[_Use], prop: Propagation, assumed: dict) -> dict
     found = dict(batchnorms=names, normalisers=tuple(dict.fromkeys(h.name for h in outcome.hits)))
     if outcome.bias_issue is not None:
         return dict(invariant=False, reason=outcome.bias_issue, **found)
-    rows = int(param.shape[0])
-    component = _components(rows, outcome.hits)
-    joint = [h.label for h in outcome.hits if _joins(h)]
-    points, block = _blocks(component)
-    if points == rows:
-        if all(h.batchnorm for h in outcome.hits):
-            quoted = ", ".join(f"'{n}'" for n in names)
-            return dict(invariant=True, reason=f"it feeds BatchNorm {quoted}", **found)
-        labels = ", ".join(dict.fromkeys(h.label for h in outcome.hits))
-        return dict(invariant=True, reason=f"it feeds {labels}", **found)
-    via = ", ".join(dict.fromkeys(joint))
-    if points:
-        reason = (
-            f"its rows are scale invariant jointly in {_plural(points, 'block')} of {block} "
-            f"({via}); "
-            "converting such weights is not supported yet"
-        )
-        return dict(invariant=False, reason=reason, points=points, **found)
-    first = int((component != torch.arange(rows)).nonzero()[0, 0])
-    members = (component == component[first]).nonzero().flatten().tolist()
-    shown = members if len(members) <= 8 else members[:8] + ["..."]
-    reason = (
-        f"its rows are scale invariant only jointly, in sets that are not blocks of "
-        f"consecutive rows of equal size (rows {shown} together, {via})"
+    per_row = (
+        "it feeds BatchNorm " + ", ".join(f"'{n}'" for n in names)
+        if all(h.batchnorm for h in outcome.hits)
+        else f"it feeds {', '.join(dict.fromkeys(h.label for h in outcome.hits))}"
     )
-    return dict(invariant=False, reason=reason, **found)
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("s" if count != 1 else "")
-
-
-def _joins(hit: Hit) -> bool:
-    """Whether ``hit`` normalises two different rows in one group."""
-    groups = hit.pairs[:, 0]
-    return bool(len(groups)) and len(torch.unique(groups)) < len(groups)
-
-
-def _components(rows: int, hits: list[Hit]) -> torch.Tensor:
-    """Union-find over rows: rows sharing a normaliser group are one component; the label of
-    each row is the smallest row of its component.
-
-    >>> pairs = torch.tensor([[0, 0], [0, 2], [1, 3], [1, 4], [2, 4], [2, 5]])
-    >>> _components(6, [Hit("n", "n", False, pairs)]).tolist()
-    [0, 1, 0, 3, 3, 3]
-    """
-    label = torch.arange(rows, dtype=torch.long)
-    parts, offset = [], 0
-    for hit in hits:
-        if len(hit.pairs):
-            parts.append(hit.pairs + torch.tensor([offset, 0]))
-            offset += int(hit.pairs[:, 0].max()) + 1
-    if not parts:
-        return label
-    pairs = torch.cat(parts)
-    group, row = pairs[:, 0], pairs[:, 1]
-    while True:
-        low = torch.full((offset,), rows, dtype=torch.long)
-        low = low.scatter_reduce(0, group, label[row], "amin")
-        new = label.scatter_reduce(0, row, low[group], "amin")
-        new = new[new]
-        if torch.equal(new, label):
-            return label
-        label = new
-
-
-def _blocks(component: torch.Tensor) -> tuple[int, int]:
-    """``(points, block)`` when the components are consecutive blocks of one size, else
-    ``(0, 0)``.
-
-    >>> _blocks(torch.tensor([0, 0, 2, 2])), _blocks(torch.tensor([0, 1, 0, 1]))
-    ((2, 2), (0, 0))
-    """
-    rows = len(component)
-    block = int((component == 0).sum())
-    if rows % block:
-        return 0, 0
-    expected = torch.arange(rows) // block * block
-    return (rows // block, block) if torch.equal(component, expected) else (0, 0)
+    return partition_verdict(int(param.shape[0]), outcome.hits, per_row) | found
 
 
 def find_scale_invariant(
