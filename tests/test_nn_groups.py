@@ -360,3 +360,72 @@ def test_tiny_efficientnet_no_false_positive_at_any_granularity():
     for f in findings.values():
         assert f.points == (f.rows if f.invariant else 0), str(f)
     assert_no_false_positive(model, findings, x)
+
+
+# ------------------------------------- weights normalised themselves before use
+class StdConv(nn.Module):
+    """timm's StdConv2d / ScaledStdConv2d (weight standardisation), written out."""
+
+    def __init__(self, how: str = "std") -> None:
+        super().__init__()
+        self.how, self.eps = how, 1e-6
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.gain = nn.Parameter(torch.rand(4) + 0.5)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.weight.reshape(1, 4, -1)
+        if self.how == "std":
+            w = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=self.eps)
+        elif self.how == "scaled":
+            gain = (self.gain * 0.5).view(-1)
+            w = F.batch_norm(flat, None, None, weight=gain, training=True, eps=self.eps)
+        elif self.how == "normalize":  # a cosine layer: each row divided by its norm
+            w = F.normalize(self.weight.flatten(1), dim=1)
+        elif self.how == "layer_norm":  # all rows jointly
+            w = F.layer_norm(self.weight, (4, 3, 3, 3), eps=self.eps)
+        elif self.how == "columns":  # normalised over rows: all rows jointly
+            w = F.normalize(self.weight, dim=0)
+        else:  # "eval": batch statistics not used
+            w = F.batch_norm(flat, self.mean, self.var, training=False)
+        return self.head(F.relu(F.conv2d(x, w.reshape_as(self.weight))))
+
+
+@pytest.mark.parametrize(
+    "how,points", [("std", 4), ("scaled", 4), ("normalize", 4), ("layer_norm", 1), ("columns", 1)]
+)
+def test_weight_standardisation_and_normalised_weights(how, points):
+    torch.manual_seed(0)
+    model, x = StdConv(how), _x(2, 3, 6, 6)
+    f = _check_granularity(model, "weight", x, points, shapes=False)
+    assert not f.tied and f.selected(all_shapes=True) == (points == 4)
+    if points == 4:
+        assert f.reason.startswith("it is normalised row by row before use")
+
+
+def test_weight_not_normalised_with_batch_statistics_is_not_invariant():
+    torch.manual_seed(0)
+    model, x = StdConv("eval"), _x(2, 3, 6, 6)
+    f = find_scale_invariant(model)["weight"]
+    assert f.points == 0 and not truly_block_invariant(model, "weight", x, 1)
+
+
+@pytest.mark.parametrize("dim,points", [(0, 4), (1, 1), (None, 1)])
+def test_weight_norm_direction(dim, points):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3), dim=dim), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x, name = _x(2, 3, 6, 6), "0.parametrizations.weight.original1"
+    f = _check_granularity(model, name, x, points, shapes=False)
+    assert "weight_norm in ParametrizedConv2d '0'" in f.reason
+    magnitude = find_scale_invariant(model).get("0.parametrizations.weight.original0")
+    assert magnitude is None or not magnitude.invariant or magnitude.rows == 1
+    if points == 4:  # converted like any row-invariant weight, outputs kept
+        with torch.no_grad():
+            before = model(x)
+        assert to_grassmann(model) == [name]
+        with torch.no_grad():
+            assert torch.equal(model(x), before)

@@ -38,6 +38,7 @@ from ._blocks import partition_verdict
 from ._ops import Blocked, describe
 from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Propagation, arg, fetch
 from ._trace import propagate_shapes, trace
+from ._weightpath import NOT_A_DIRECTION, dim_hit, direction_dim, follow_weight
 
 __all__ = ["Finding", "Plan", "analyse", "find_scale_invariant", "is_grassmann1"]
 
@@ -145,6 +146,8 @@ class _Use:
     why: str = ""
     conv_dims: int = 0  # k of a k-d convolution; 0 for linear
     bias: nn.Parameter | None = None
+    source: Node | None = None  # the get_attr node a functional use reads it from
+    norm_dim: Any = None  # role "direction": the dim of its weight_norm
 
 
 @dataclass
@@ -168,6 +171,12 @@ def _places(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
 
 def _functional_uses(node: Node, user: Node, modules: dict[str, nn.Module], gm) -> _Use:
     """How ``user`` uses the parameter fetched by the get_attr ``node``."""
+    use = _functional_use(node, user, modules, gm)
+    use.source = node
+    return use
+
+
+def _functional_use(node: Node, user: Node, modules: dict[str, nn.Module], gm) -> _Use:
     label = describe(user, modules)
     row_fn = user.op == "call_function" and (
         user.target in CONV_FUNCTIONS or user.target is F.linear
@@ -194,7 +203,13 @@ def _param_uses(gm: GraphModule, modules: dict[str, nn.Module]) -> dict[int, lis
             kind = type(module)
             rows_layer = kind in CONV_MODULES or kind is nn.Linear
             for pname, param in module.named_parameters(remove_duplicate=False):
-                if rows_layer and pname == "weight":
+                dim = direction_dim(module, pname)
+                if dim is not NOT_A_DIRECTION:
+                    why = (
+                        f"it is the direction of weight_norm in {label} and is also used elsewhere"
+                    )
+                    uses[id(param)].append(_Use(node, "direction", why, norm_dim=dim))
+                elif rows_layer and pname == "weight":
                     dims = CONV_MODULES.get(kind, 0)
                     uses[id(param)].append(_Use(node, "rows", conv_dims=dims, bias=module.bias))
                 elif rows_layer and pname == "bias":
@@ -303,6 +318,8 @@ def _analyse(
         )
         plan.biases = _unique(u.bias for u in p_uses if u.role == "rows" and u.bias is not None)
         verdict = _verdict(param, p_uses, plan, uses, prop)
+        if "normalised_uses" in verdict:  # one normalisation read through several nodes
+            info["tied"] = verdict.pop("normalised_uses") > 1 or len(places[id(param)]) > 1
         findings[name] = Finding(**info, **verdict)
         plans[name] = plan
     return findings, plans
@@ -318,6 +335,9 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> dict:
     if not p_uses:
         return dict(invariant=False, reason="it is not used by the traced forward")
+    normalised = _normalised_weight(param, p_uses, prop)
+    if normalised is not None:
+        return normalised
     other = next((u for u in p_uses if u.role != "rows"), None)
     if other is not None:
         why = other.why or "it is also used as a bias"
@@ -346,6 +366,31 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
             "(nn.Flatten(), x.flatten(1), x.view(x.size(0), -1))"
         ),
     )
+
+
+def _normalised_weight(param, p_uses: list[_Use], prop: Propagation) -> dict | None:
+    """The verdict for a weight normalised itself before any use (weight_norm's direction,
+    weight standardisation, ``F.normalize``), or None when it is not (docs/design.md)."""
+    rows = int(param.shape[0])
+    if all(u.role == "direction" for u in p_uses):
+        ids = torch.arange(rows).reshape((rows,) + (1,) * (param.dim() - 1)).expand(param.shape)
+        hits = [
+            dim_hit(ids, u.norm_dim, f"weight_norm in {describe(u.node, prop.modules)}")
+            for u in p_uses
+        ]
+        per_row = f"it is the direction of {hits[0].label}, normalised row by row"
+    elif all(u.role == "other" and u.source is not None for u in p_uses):
+        sources = list(dict.fromkeys(u.source for u in p_uses))
+        try:
+            hits = follow_weight(prop.gm, prop.modules, sources, tuple(param.shape))
+        except Blocked:
+            return None
+        labels = ", ".join(dict.fromkeys(h.label for h in hits))
+        per_row = f"it is normalised row by row before use ({labels})"
+    else:
+        return None
+    found = dict(normalisers=tuple(dict.fromkeys(h.name for h in hits)), normalised_uses=len(hits))
+    return partition_verdict(rows, hits, per_row) | found
 
 
 def _unknown_ranks(p_uses: list[_Use], prop: Propagation) -> list[Node]:
