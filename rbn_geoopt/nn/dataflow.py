@@ -65,7 +65,8 @@ class Finding:
     ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n``. ``tied``: the same Parameter
     is used more than once (several modules or calls). ``converted``: already a
     ``ManifoldParameter`` on :class:`Grassmann1`. ``batchnorms``: the BatchNorm modules its
-    rows reach; ``normalisers``: every normaliser they reach (BatchNorms included).
+    rows reach; ``normalisers``: every normaliser they reach (BatchNorms included), or
+    that normalises the weight itself (weight standardisation, ``weight_norm``).
     ``manifold``: the name of another manifold the weight is already on (then it is left
     alone).
 
@@ -457,6 +458,10 @@ def find_scale_invariant(
     BatchNorm's channel count proves it keeps the channels. With ``example_inputs`` (a
     tensor or a tuple of forward arguments; run once in eval mode under ``no_grad``, flags
     and buffers restored) every layout is checked on the real shapes.
+    Other normalisers make rows invariant in blocks (``Finding.points``): GroupNorm,
+    LayerNorm / RMSNorm (over the channels, per head or over other dims), InstanceNorm, and
+    a weight normalised itself before use (weight standardisation, ``F.normalize``,
+    ``weight_norm``'s direction); see docs/design.md, "Beyond BatchNorm: blocks of rows".
     ``leaf_modules``: names of submodules to keep opaque (not traced into; their outputs
     block), for models with an untraceable part.
 
