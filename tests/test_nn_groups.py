@@ -312,7 +312,7 @@ def test_block_invariant_weights_are_reported_not_converted():
     f = find_scale_invariant(model)["conv.weight"]
     assert str(f).startswith("conv.weight [8x27]: scale invariant in 2 blocks: its rows")
     assert not f.selected() and not f.selected(all_shapes=True)
-    with pytest.warns(UserWarning, match="no weight"):
+    with pytest.warns(UserWarning, match=r"\['conv.weight'\] are scale invariant only in blocks"):
         assert to_grassmann(model, all_shapes=True) == []
     old = model.conv.weight.detach().clone()
     with pytest.warns(UserWarning, match="only in blocks of rows"):
@@ -429,3 +429,21 @@ def test_weight_norm_direction(dim, points):
         assert to_grassmann(model) == [name]
         with torch.no_grad():
             assert torch.equal(model(x), before)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: LayerNorm over the channels of (N, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def test_norm_subclass_with_its_own_forward_counts_only_traced_into():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), LayerNorm2d(4), nn.Conv2d(4, 2, 1))
+    x = _x(2, 3, 6, 6)
+    _check_granularity(model, "0.weight", x, 1, shapes=False)
+    leaf = find_scale_invariant(model, leaf_modules=["1"])["0.weight"]
+    assert leaf.points == 0 and "LayerNorm2d '1'" in leaf.reason  # its forward is not torch's

@@ -119,8 +119,17 @@ def _instance_norm(unbatched_rank: int) -> Groups:
     return groups
 
 
+_INSTANCE_NORM = nn.modules.instancenorm._InstanceNorm
+_OWN_FORWARD = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, _INSTANCE_NORM)
+
+
 def norm_module(node: Node, module: nn.Module, label: str) -> NormOp | None:
-    """The normaliser ``module`` is (any subclass of the torch modules), or None."""
+    """The normaliser ``module`` is (a subclass only with torch's own forward: one with its
+    own forward kept as a leaf, like timm's LayerNorm2d, may normalise other dims), or None.
+    """
+    base = next((c for c in _OWN_FORWARD if isinstance(module, c)), None)
+    if base is None or type(module).forward is not base.forward:
+        return None
     name = str(node.target)
     if isinstance(module, nn.GroupNorm):
         return NormOp(label, name, _group_norm(module.num_groups, module.num_channels), True)
@@ -128,7 +137,7 @@ def norm_module(node: Node, module: nn.Module, label: str) -> NormOp | None:
         return NormOp(label, name, _layer_norm(tuple(module.normalized_shape)), True)
     if isinstance(module, nn.RMSNorm):
         return NormOp(label, name, _layer_norm(tuple(module.normalized_shape)), False)
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+    if isinstance(module, _INSTANCE_NORM):
         tracked = bool(module.track_running_stats)
         return NormOp(
             label,

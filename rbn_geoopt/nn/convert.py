@@ -286,6 +286,9 @@ def to_grassmann(
             if skipped
             else ""
         )
+        blocks = [f.name for f in findings.values() if 0 < f.points < f.rows]
+        if blocks:
+            why += f"; {blocks} are scale invariant only in blocks of rows (not supported yet)"
         warnings.warn(
             f"to_grassmann: no weight of {type(model).__name__} feeds a BatchNorm in a scale "
             f"invariant way{why}; the model is unchanged",
