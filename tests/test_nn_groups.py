@@ -403,6 +403,11 @@ def test_weight_standardisation_and_normalised_weights(how, points):
     assert not f.tied and f.selected(all_shapes=True) == (points == 4)
     if points == 4:
         assert f.reason.startswith("it is normalised row by row before use")
+        with torch.no_grad():
+            before = model(x)
+        assert "weight" in to_grassmann(model, all_shapes=True)
+        with torch.no_grad():
+            assert torch.equal(model(x), before)
 
 
 def test_weight_not_normalised_with_batch_statistics_is_not_invariant():
