@@ -452,3 +452,20 @@ def test_norm_subclass_with_its_own_forward_counts_only_traced_into():
     _check_granularity(model, "0.weight", x, 1, shapes=False)
     leaf = find_scale_invariant(model, leaf_modules=["1"])["0.weight"]
     assert leaf.points == 0 and "LayerNorm2d '1'" in leaf.reason  # its forward is not torch's
+
+
+def test_weight_norm_direction_read_through_the_parametrized_attribute():
+    """``F.conv2d(x, self.conv.weight)`` traces to a call of the ParametrizationList."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = weight_norm(nn.Conv2d(3, 4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(F.relu(x), self.conv.weight)
+
+    torch.manual_seed(0)
+    model, x = Functional(), _x(2, 3, 6, 6)
+    _check_granularity(model, "conv.parametrizations.weight.original1", x, 4, shapes=False)
