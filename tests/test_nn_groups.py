@@ -333,10 +333,13 @@ def test_finding_points_default_and_validation():
 @pytest.mark.parametrize("factory", list(M.EXPECTED), ids=lambda f: f.__name__)
 def test_batchnorm_models_unchanged_points_equal_rows(factory):
     """The BatchNorm test models: every finding is row by row (points rows or 0)."""
-    model = factory()
-    for f in find_scale_invariant(model.train()).values():
+    torch.manual_seed(0)
+    model, (shape, _) = factory(bn_eps=1e-5).train(), M.EXPECTED[factory]
+    findings = find_scale_invariant(model)
+    for f in findings.values():
         assert f.points == (f.rows if f.invariant else 0), str(f)
         assert set(f.normalisers) == set(f.batchnorms)
+    assert_no_false_positive(model, findings, _x(2, *shape[1:]))  # batch 2: fast
 
 
 def test_instancenorm_fed_weights_convert_like_batchnorm_fed_ones():
