@@ -15,6 +15,9 @@ node is classified here into one of:
   statistics (any ``_BatchNorm`` module in training mode or without running statistics, a
   functional ``batch_norm`` with ``training=True``); a frozen one (running statistics) is a
   per-channel affine map and blocks;
+* :class:`._norms.NormOp` -- GroupNorm, LayerNorm, RMSNorm, InstanceNorm (modules and
+  ``F.group_norm`` / ``F.layer_norm`` / ``F.rms_norm``): the end of a path, normalising
+  groups of positions jointly (:mod:`._norms`);
 * :class:`ShapeQuery` -- reads only metadata (``x.size(0)``, ``x.shape``): not a data path;
 * :class:`Other` -- anything else (sums, products of tensors, sigmoid, GELU, slicing, the
   model output ...): blocks.
@@ -37,9 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
+from ._norms import NormOp, norm_function, norm_module
+
 __all__ = [
     "Blocked",
     "BatchNormOp",
+    "NormOp",
     "Cat",
     "Other",
     "ShapeQuery",
@@ -450,6 +456,9 @@ def _classify_module(node: Node, module: nn.Module, label: str) -> Any:
     kind = type(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _batchnorm_module(node, module, label)
+    norm = norm_module(node, module, label)
+    if norm is not None:
+        return norm
     if kind in _HOMOGENEOUS_MODULES:
         return Unary(label, _identity, affine_ok=False)
     if kind is nn.Identity:
@@ -477,6 +486,9 @@ def _classify_function(node: Node, label: str, modules: dict[str, nn.Module]) ->
     target = node.target
     if target in _BATCHNORM_FUNCTIONS:
         return _batchnorm_function(node, label, modules)
+    norm = norm_function(node, label)
+    if norm is not None:
+        return Other(norm) if isinstance(norm, str) else norm
     if target in _HOMOGENEOUS_FUNCTIONS:
         return Unary(label, _identity, affine_ok=False)
     if target in _AFFINE_FUNCTIONS:
@@ -561,7 +573,7 @@ def _classify_method(node: Node, label: str) -> Any:
 
 
 def classify(node: Node, modules: dict[str, nn.Module]) -> Any:
-    """The kind of ``node``: Unary, Cat, BatchNormOp, ShapeQuery or Other (blocks)."""
+    """The kind of ``node``: Unary, Cat, BatchNormOp, NormOp, ShapeQuery or Other (blocks)."""
     label = describe(node, modules)
     if node.op == "call_module":
         return _classify_module(node, modules[node.target], label)

@@ -1,9 +1,11 @@
-"""Follow one weight's output rows through a traced graph to the BatchNorms they reach.
+"""Follow one weight's output rows through a traced graph to the normalisers they reach.
 
 The state carried along is a *channel-id tensor* laid out like the activation: at each
 position, the weight row that produced it (``-1``: another source). :mod:`._ops` says how each
 node maps it; a BatchNorm ends a path after checking that each of its channels is fed by one
-row only, and records that row per channel. Any blocking node stops the walk with a reason
+row only, and records that row per channel; another normaliser (:mod:`._norms`) ends it after
+checking that each of its groups is fed by the weight's rows only, and records the rows of
+each group (a :class:`Hit`). Any blocking node stops the walk with a reason
 (:class:`._ops.Blocked`).
 
 Without recorded shapes (no ``example_inputs``) the ids are *collapsed*: size 1 on every
@@ -31,6 +33,7 @@ from ._ops import (
     BatchNormOp,
     Blocked,
     Cat,
+    NormOp,
     Other,
     ShapeQuery,
     Unary,
@@ -40,7 +43,7 @@ from ._ops import (
 from ._rank import Ranks
 from ._trace import node_shape
 
-__all__ = ["CONV_FUNCTIONS", "CONV_MODULES", "Outcome", "Propagation", "arg", "fetch"]
+__all__ = ["CONV_FUNCTIONS", "CONV_MODULES", "Hit", "Outcome", "Propagation", "arg", "fetch"]
 
 CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -53,13 +56,24 @@ class _State:
     affine: bool  # a bias is still riding on the values
 
 
+@dataclass(frozen=True)
+class Hit:
+    """One normaliser a weight's rows reach, and which rows it normalises jointly."""
+
+    name: str
+    label: str
+    batchnorm: bool
+    #: ``(group, row)`` pairs, int64 ``(m, 2)``: the rows normalised in each group (rows
+    #: that share a group are scale invariant only jointly)
+    pairs: torch.Tensor
+
+
 @dataclass
 class Outcome:
     complete: bool
     reason: str
     bias_issue: str | None = None
-    #: (name, running statistics holder or None, row feeding each channel) per BatchNorm
-    hits: list[tuple[str, Any, torch.Tensor]] = field(default_factory=list)
+    hits: list[Hit] = field(default_factory=list)
 
 
 def fetch(gm: torch.fx.GraphModule, target: str) -> Any:
@@ -84,7 +98,7 @@ class Propagation:
         for node in gm.graph.nodes:
             if node.op in ("call_module", "call_function"):
                 op = classify(node, self.modules)
-                if isinstance(op, BatchNormOp) and op.key is not None:
+                if isinstance(op, (BatchNormOp, NormOp)) and op.key is not None:
                     calls[op.key] += 1
         self.calls = calls
         self._channels: dict[Node, int | None] = {}
@@ -146,6 +160,8 @@ class Propagation:
         op = classify(node, self.modules)
         if isinstance(op, BatchNormOp):
             return op.channels
+        if isinstance(op, NormOp):
+            return self.static_channels(arg(node, 0, "input"))
         if isinstance(op, Unary) and op.keeps_channels:
             return self.static_channels(arg(node, op.data_index, "input"))
         if isinstance(op, Cat) and op.dim in (1,):
@@ -191,6 +207,9 @@ class Propagation:
                     "statistics, no batch statistics), which is an affine map, not a normaliser"
                 )
             outcome.hits.append(self._batchnorm(node, op, state))
+            return
+        if isinstance(op, NormOp):
+            outcome.hits.append(self._norm(op, state, outcome))
             return
         try:
             ids = op.transform(state.ids, self._shape(node))
@@ -275,7 +294,52 @@ class Propagation:
         rows = flat[:, 0]
         if not bool((flat == rows[:, None]).all()):
             raise Blocked(f"a channel of {op.label} is fed by more than one row")
-        return op.name, op.stats, rows.long()
+        fed = rows >= 0
+        channels_fed = torch.arange(channels, dtype=torch.long)[fed]
+        return Hit(op.name, op.label, True, torch.stack([channels_fed, rows[fed].long()], 1))
+
+    def _norm(self, op: NormOp, state: _State, outcome: Outcome) -> Hit:
+        """Check that each group of a normaliser holds the weight's rows only (or none of
+        them); return the rows of each group. A bias riding on the values survives unless
+        the normaliser subtracts a mean over groups that each hold a single row."""
+        if not op.normalising:
+            raise Blocked(
+                f"its output reaches frozen {op.label} (eval mode: running statistics), "
+                "which is an affine map, not a normaliser"
+            )
+        if op.key is not None and self.calls[op.key] > 1:
+            raise Blocked(f"{op.label} is called more than once (its statistics mix inputs)")
+        try:
+            group = op.groups(state.ids, not self.shapes)
+        except ValueError as exc:
+            hint = "" if self.shapes else " (layout assumed: pass example_inputs=... to check)"
+            raise Blocked(f"at {op.label}: {exc}{hint}") from None
+        ids = state.ids.reshape(-1).long()
+        span = int(ids.max()) + 2 if ids.numel() else 1  # ids run from -1
+        keys = torch.unique(group.reshape(-1) * span + ids + 1)  # one 1-D sort, not dim=0
+        pairs = torch.stack([keys // span, keys % span - 1], 1)
+        fed = pairs[:, 1] >= 0
+        mixed = set(pairs[fed, 0].tolist()) & set(pairs[~fed, 0].tolist())
+        if mixed:
+            raise Blocked(
+                f"{op.label} normalises some of its rows jointly with another source (a "
+                "group holds both)"
+            )
+        pairs = pairs[fed]
+        if state.affine and outcome.bias_issue is None:
+            sizes = torch.bincount(pairs[:, 0]) if len(pairs) else torch.zeros(0)
+            if not op.centres:
+                outcome.bias_issue = (
+                    f"its bias reaches {op.label}, which does not subtract a mean, so the bias "
+                    "is not cancelled (a bias breaks the scale invariance of the weight alone)"
+                )
+            elif bool((sizes > 1).any()):
+                outcome.bias_issue = (
+                    f"its bias reaches {op.label}, which normalises several of its rows "
+                    "jointly: the group mean does not cancel a per-channel bias (a bias breaks "
+                    "the scale invariance of the weight alone)"
+                )
+        return Hit(op.name, op.label, False, pairs)
 
 
 def _flat_nodes(node: Node) -> list[Node]:

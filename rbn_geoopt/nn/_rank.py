@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ._ops import BatchNormOp, Cat, Unary, classify
+from ._ops import BatchNormOp, Cat, NormOp, Unary, classify
 
 __all__ = ["Ranks"]
 
@@ -166,6 +166,8 @@ class Ranks:
         if isinstance(op, BatchNormOp):
             if op.ranks is not None and len(op.ranks) == 1:
                 return op.ranks[0]  # BatchNorm2d takes 4-D inputs only
+            return self.of(_arg(node, 0, "input"))
+        if isinstance(op, NormOp):  # GroupNorm, LayerNorm ... keep their input's shape
             return self.of(_arg(node, 0, "input"))
         if isinstance(op, Unary) and op.keeps_channels:  # ReLU, pooling, dropout, casts ...
             return self.of(_arg(node, op.data_index, "input"))

@@ -257,6 +257,14 @@ def to_grassmann(
                 "training can no longer change it",
                 stacklevel=2,
             )
+        elif not finding.invariant and finding.points:
+            warnings.warn(
+                f"to_grassmann: '{name}' is scale invariant only in blocks of rows, not row by "
+                f"row ({finding.reason}); converted row by row because it is in include. The "
+                "outputs are kept, but the optimizers keep each row's norm, so training can no "
+                "longer change the norms of its rows relative to each other",
+                stacklevel=2,
+            )
         elif not finding.invariant:
             warnings.warn(
                 f"to_grassmann: '{name}' is not scale invariant ({finding.reason}); converted "
@@ -278,6 +286,9 @@ def to_grassmann(
             if skipped
             else ""
         )
+        blocks = [f.name for f in findings.values() if 0 < f.points < f.rows]
+        if blocks:
+            why += f"; {blocks} are scale invariant only in blocks of rows (not supported yet)"
         warnings.warn(
             f"to_grassmann: no weight of {type(model).__name__} feeds a BatchNorm in a scale "
             f"invariant way{why}; the model is unchanged",

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..manifold import Grassmann1, is_grassmann1
+from ._blocks import partition_verdict
 from ._ops import Blocked, describe
 from ._propagate import CONV_FUNCTIONS, CONV_MODULES, Propagation, arg, fetch
 from ._trace import propagate_shapes, trace
+from ._weightpath import NOT_A_DIRECTION, dim_hit, direction_dim, follow_weight
 
 __all__ = ["Finding", "Plan", "analyse", "find_scale_invariant", "is_grassmann1"]
 
@@ -48,18 +50,36 @@ _TRANSPOSED_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpos
 class Finding:
     """What the dataflow analysis found about one weight (``find_scale_invariant``).
 
-    ``invariant``: every output row reaches BatchNorm channels only through operations that
-    commute with positive scaling (over all the weight's uses). ``reason`` says why or why
-    not. ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n`` (``W`` is ``p`` points of
-    G(1, n)). ``tied``: the same Parameter is used more than once (several modules or
-    calls). ``converted``: already a ``ManifoldParameter`` on :class:`Grassmann1`.
-    ``batchnorms``: the BatchNorm modules its rows reach. ``manifold``: the name of another
-    manifold the weight is already on (then it is left alone).
+    ``invariant``: EACH output row is scale invariant on its own -- every row reaches
+    normaliser groups that hold that row only (BatchNorm channels, InstanceNorm, ...)
+    through operations that commute with positive scaling (over all the weight's uses);
+    then ``W`` is ``rows`` points of G(1, ``row_length``). ``reason`` says why or why not.
+    ``points``: the number of blocks of the finest partition of the rows into blocks of
+    consecutive rows that are each scale invariant (``W.reshape(points, -1)[k]`` times any
+    ``a_k > 0`` leaves the output unchanged): ``rows`` when ``invariant``; fewer behind a
+    normaliser of several channels jointly (``G`` behind ``GroupNorm(G, C)``, 1 behind a
+    LayerNorm over all channels, one per head behind a QK-norm); 0 when no such partition
+    exists. A weight with ``0 < points < rows`` is NOT ``invariant`` (``invariant`` keeps
+    its meaning, each row a point) and is not converted: G(1, n) points made of blocks are
+    not supported yet (docs/design.md, "Which weights are scale invariant").
+    ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n``. ``tied``: the same Parameter
+    is used more than once (several modules or calls). ``converted``: already a
+    ``ManifoldParameter`` on :class:`Grassmann1`. ``batchnorms``: the BatchNorm modules its
+    rows reach; ``normalisers``: every normaliser they reach (BatchNorms included), or
+    that normalises the weight itself (weight standardisation, ``weight_norm``).
+    ``manifold``: the name of another manifold the weight is already on (then it is left
+    alone).
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(2, 4), nn.BatchNorm1d(4))
     >>> f = find_scale_invariant(net)["1.weight"]
-    >>> f.invariant, f.wide, f.selected(), f.selected(all_shapes=True)
-    (True, False, False, True)
+    >>> f.invariant, f.points, f.wide, f.selected(), f.selected(all_shapes=True)
+    (True, 4, False, False, True)
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.GroupNorm(2, 8))
+    >>> f = find_scale_invariant(net)["0.weight"]
+    >>> f.invariant, f.points, f.selected(all_shapes=True)
+    (False, 2, False)
+    >>> print(f.reason.split("; ")[0])
+    its rows are scale invariant jointly in 2 blocks of 4 (GroupNorm '1')
     """
 
     name: str
@@ -71,6 +91,21 @@ class Finding:
     converted: bool = False
     batchnorms: tuple[str, ...] = ()
     manifold: str | None = None
+    #: blocks of consecutive rows that are each scale invariant (None: ``rows`` when
+    #: ``invariant``, else 0)
+    points: int | None = None
+    normalisers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.points is None:
+            object.__setattr__(self, "points", self.rows if self.invariant else 0)
+        points = self.points
+        if not 0 <= points <= self.rows or (points and self.rows % points):
+            raise ValueError(f"Finding '{self.name}': points={points} does not divide rows")
+        if self.invariant != (points == self.rows and points > 0):
+            raise ValueError(
+                f"Finding '{self.name}': invariant={self.invariant} needs points == rows"
+            )
 
     @property
     def wide(self) -> bool:
@@ -83,6 +118,7 @@ class Finding:
             return True
         return (
             self.invariant
+            and self.points == self.rows
             and not self.tied
             and self.manifold is None
             and self.row_length >= 2
@@ -92,7 +128,13 @@ class Finding:
     def __str__(self) -> str:
         tags = [f"{self.rows}x{self.row_length}"]
         tags += ["tied"] * self.tied + ["converted"] * self.converted
-        verdict = "scale invariant" if self.invariant else "not scale invariant"
+        if self.invariant:
+            verdict = "scale invariant"
+        elif self.points:
+            count = self.points
+            verdict = f"scale invariant in {count} block" + ("s" if count != 1 else "")
+        else:
+            verdict = "not scale invariant"
         return f"{self.name} [{', '.join(tags)}]: {verdict}: {self.reason}"
 
 
@@ -105,6 +147,8 @@ class _Use:
     why: str = ""
     conv_dims: int = 0  # k of a k-d convolution; 0 for linear
     bias: nn.Parameter | None = None
+    source: Node | None = None  # the get_attr node a functional use reads it from
+    norm_dim: Any = None  # role "direction": the dim of its weight_norm
 
 
 @dataclass
@@ -128,6 +172,12 @@ def _places(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
 
 def _functional_uses(node: Node, user: Node, modules: dict[str, nn.Module], gm) -> _Use:
     """How ``user`` uses the parameter fetched by the get_attr ``node``."""
+    use = _functional_use(node, user, modules, gm)
+    use.source = node
+    return use
+
+
+def _functional_use(node: Node, user: Node, modules: dict[str, nn.Module], gm) -> _Use:
     label = describe(user, modules)
     row_fn = user.op == "call_function" and (
         user.target in CONV_FUNCTIONS or user.target is F.linear
@@ -154,7 +204,13 @@ def _param_uses(gm: GraphModule, modules: dict[str, nn.Module]) -> dict[int, lis
             kind = type(module)
             rows_layer = kind in CONV_MODULES or kind is nn.Linear
             for pname, param in module.named_parameters(remove_duplicate=False):
-                if rows_layer and pname == "weight":
+                dim = direction_dim(module, pname)
+                if dim is not NOT_A_DIRECTION:
+                    why = (
+                        f"it is the direction of weight_norm in {label} and is also used elsewhere"
+                    )
+                    uses[id(param)].append(_Use(node, "direction", why, norm_dim=dim))
+                elif rows_layer and pname == "weight":
                     dims = CONV_MODULES.get(kind, 0)
                     uses[id(param)].append(_Use(node, "rows", conv_dims=dims, bias=module.bias))
                 elif rows_layer and pname == "bias":
@@ -263,6 +319,8 @@ def _analyse(
         )
         plan.biases = _unique(u.bias for u in p_uses if u.role == "rows" and u.bias is not None)
         verdict = _verdict(param, p_uses, plan, uses, prop)
+        if "normalised_uses" in verdict:  # one normalisation read through several nodes
+            info["tied"] = verdict.pop("normalised_uses") > 1 or len(places[id(param)]) > 1
         findings[name] = Finding(**info, **verdict)
         plans[name] = plan
     return findings, plans
@@ -278,6 +336,9 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> dict:
     if not p_uses:
         return dict(invariant=False, reason="it is not used by the traced forward")
+    normalised = _normalised_weight(param, p_uses, prop)
+    if normalised is not None:
+        return normalised
     other = next((u for u in p_uses if u.role != "rows"), None)
     if other is not None:
         why = other.why or "it is also used as a bias"
@@ -292,7 +353,9 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
     # A Linear's input rank decides where its rows land; without evidence try 2-D and 3-D:
     # a reason that holds for both is reported, anything else is refused (issue 12, item 5).
     tries = [_follow(param, p_uses, prop, dict.fromkeys(unknown, rank)) for rank in (2, 3)]
-    if not any(t["invariant"] for t in tries) and tries[0]["reason"] == tries[1]["reason"]:
+    if not any(t["invariant"] or t.get("points") for t in tries) and (
+        tries[0]["reason"] == tries[1]["reason"]
+    ):
         return tries[0]
     label = describe(unknown[0], prop.modules)
     return dict(
@@ -304,6 +367,31 @@ def _verdict(param, p_uses: list[_Use], plan: Plan, uses, prop: Propagation) -> 
             "(nn.Flatten(), x.flatten(1), x.view(x.size(0), -1))"
         ),
     )
+
+
+def _normalised_weight(param, p_uses: list[_Use], prop: Propagation) -> dict | None:
+    """The verdict for a weight normalised itself before any use (weight_norm's direction,
+    weight standardisation, ``F.normalize``), or None when it is not (docs/design.md)."""
+    rows = int(param.shape[0])
+    if all(u.role == "direction" for u in p_uses):
+        ids = torch.arange(rows).reshape((rows,) + (1,) * (param.dim() - 1)).expand(param.shape)
+        hits = [
+            dim_hit(ids, u.norm_dim, f"weight_norm in {describe(u.node, prop.modules)}")
+            for u in p_uses
+        ]
+        per_row = f"it is the direction of {hits[0].label}, normalised row by row"
+    elif all(u.role == "other" and u.source is not None for u in p_uses):
+        sources = list(dict.fromkeys(u.source for u in p_uses))
+        try:
+            hits = follow_weight(prop.gm, prop.modules, sources, tuple(param.shape))
+        except Blocked:
+            return None
+        labels = ", ".join(dict.fromkeys(h.label for h in hits))
+        per_row = f"it is normalised row by row before use ({labels})"
+    else:
+        return None
+    found = dict(normalisers=tuple(dict.fromkeys(h.name for h in hits)), normalised_uses=len(hits))
+    return partition_verdict(rows, hits, per_row) | found
 
 
 def _unknown_ranks(p_uses: list[_Use], prop: Propagation) -> list[Node]:
@@ -332,11 +420,16 @@ def _follow(param, p_uses: list[_Use], prop: Propagation, assumed: dict) -> dict
         return dict(invariant=False, reason=outcome.reason)
     if not outcome.hits:
         return dict(invariant=False, reason="its output reaches no BatchNorm")
-    names = tuple(dict.fromkeys(name for name, _, _ in outcome.hits))
+    names = tuple(dict.fromkeys(h.name for h in outcome.hits if h.batchnorm))
+    found = dict(batchnorms=names, normalisers=tuple(dict.fromkeys(h.name for h in outcome.hits)))
     if outcome.bias_issue is not None:
-        return dict(invariant=False, reason=outcome.bias_issue, batchnorms=names)
-    quoted = ", ".join(f"'{n}'" for n in names)
-    return dict(invariant=True, reason=f"it feeds BatchNorm {quoted}", batchnorms=names)
+        return dict(invariant=False, reason=outcome.bias_issue, **found)
+    per_row = (
+        "it feeds BatchNorm " + ", ".join(f"'{n}'" for n in names)
+        if all(h.batchnorm for h in outcome.hits)
+        else f"it feeds {', '.join(dict.fromkeys(h.label for h in outcome.hits))}"
+    )
+    return partition_verdict(int(param.shape[0]), outcome.hits, per_row) | found
 
 
 def find_scale_invariant(
@@ -365,6 +458,10 @@ def find_scale_invariant(
     BatchNorm's channel count proves it keeps the channels. With ``example_inputs`` (a
     tensor or a tuple of forward arguments; run once in eval mode under ``no_grad``, flags
     and buffers restored) every layout is checked on the real shapes.
+    Other normalisers make rows invariant in blocks (``Finding.points``): GroupNorm,
+    LayerNorm / RMSNorm (over the channels, per head or over other dims), InstanceNorm, and
+    a weight normalised itself before use (weight standardisation, ``F.normalize``,
+    ``weight_norm``'s direction); see docs/design.md, "Beyond BatchNorm: blocks of rows".
     ``leaf_modules``: names of submodules to keep opaque (not traced into; their outputs
     block), for models with an untraceable part.
 
