@@ -25,6 +25,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert any(command == block.strip() for block in _blocks("bash")), command
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. "no weight ... feeds a BatchNorm"
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))
 def test_readme_python_snippet_runs(index):
     code = _blocks("python")[index]
