@@ -87,7 +87,7 @@ def check_step(
     dtensors = False
     for gi, group, plain, curved in work:
         for item in plain + curved:
-            if item.param.device.type == "meta":
+            if item.param.is_meta:
                 raise ValueError(
                     f"{optimizer}: {param_label(group, gi, item.index)} is on the meta device: "
                     "it holds no values to step; materialize the model first "
@@ -97,7 +97,7 @@ def check_step(
             if item.kind == GRASSMANN:
                 ys.append(item.point)
                 gs.append(item.grad)
-                ns.append(math.prod(item.point.shape[item.point.dim() - item.manifold.ndim :]))
+                ns.append(math.prod(item.point.shape[-item.manifold.ndim :]))  # row length
                 where_rows.append((gi, group, item))
             elif item.kind == PLAIN:
                 finite.append(((gi, group, item), (item.grad,)))
