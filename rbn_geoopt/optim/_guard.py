@@ -64,8 +64,11 @@ PLAIN, GRASSMANN, OTHER = 0, 1, 2
 
 class Item(NamedTuple):
     """One parameter with a gradient, as a step sees it: ``point`` and ``grad`` are the
-    rank-local tensors (a DTensor's shard), ``kind`` one of PLAIN / GRASSMANN / OTHER,
-    ``index`` its place in the group (for error messages)."""
+    rank-local tensors the step reads and writes (a DTensor's shard; for a geoopt
+    ``ManifoldParameter``, a plain ``detach()`` alias: same storage and version counter,
+    without the subclass's slower attribute reads), ``kind`` one of PLAIN / GRASSMANN /
+    OTHER, ``index`` its place in the group (for error messages), ``sharded`` whether the
+    parameter is a DTensor (its state is sharded like it)."""
 
     param: torch.Tensor
     point: torch.Tensor
@@ -73,6 +76,7 @@ class Item(NamedTuple):
     manifold: Manifold
     kind: int
     index: int
+    sharded: bool
 
 
 def check_step(
@@ -93,7 +97,7 @@ def check_step(
                     "it holds no values to step; materialize the model first "
                     "(model.to_empty(device=...), then initialize its weights)"
                 )
-            dtensors = dtensors or item.point is not item.param
+            dtensors = dtensors or item.sharded
             if item.kind == GRASSMANN:
                 ys.append(item.point)
                 gs.append(item.grad)

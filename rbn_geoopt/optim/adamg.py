@@ -141,12 +141,12 @@ class AdamG(RiemannianOptimizer):
                 state = self._init_state(item.param, item.manifold)
             params.append(item.point)
             manifolds.append(item.manifold)
-            if item.point is item.param:
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-            else:  # a DTensor parameter's state is sharded like it: its local shards
+            if item.sharded:  # a DTensor parameter's state is sharded like it: its shards
                 exp_avgs.append(local(state["exp_avg"]))
                 exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            else:
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         adamg(

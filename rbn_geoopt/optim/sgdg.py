@@ -164,7 +164,7 @@ class SGDG(RiemannianOptimizer):
                 if buffer is None:
                     buffer = self._init_state(item.param, item.manifold)["momentum_buffer"]
                 # a DTensor parameter's buffer is a DTensor sharded like it: its local shard
-                buffers.append(buffer if item.point is item.param else local(buffer))
+                buffers.append(local(buffer) if item.sharded else buffer)
         sgdg(
             params,
             self._gradients(group, items),

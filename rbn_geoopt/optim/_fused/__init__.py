@@ -37,7 +37,8 @@ except ImportError:  # not built (no compiler): everything runs in torch
     _crows = None
 
 __all__ = [
-    "ENV_VAR", "adamg_", "backend", "c_ok", "check_rows", "sgdg_", "sum_squares", "triton_ok",
+    "ENV_VAR", "adamg_", "backend", "c_first", "c_ok", "check_rows", "sgdg_", "sum_squares",
+    "triton_ok",
 ]  # fmt: skip
 
 #: environment variable that forces a backend: "torch", "c" or "auto" (the default)
@@ -111,7 +112,7 @@ def _c_layout(dtype: torch.dtype, tensors) -> bool:
     return True
 
 
-def _c_first(choice: str) -> bool:
+def c_first(choice: str) -> bool:
     """Whether ``choice`` lets the C kernel take the tensors it can (built, not "torch" or
     "triton")."""
     return _crows is not None and choice in ("auto", "c")
@@ -166,12 +167,12 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     tri: tuple[list, ...] = ([], [], [], [])  # y, g, tau, n: the Triton kernels' tensors
     twin: tuple[list, ...] = ([], [], [], [])
     numel = rows = 0
-    c_first = _c_first(choice)
+    c_wanted = c_first(choice)
     for y, g, tau, n in zip(ys, gs, taus, ns, strict=True):
         count = y.numel() // n
         if count == 0:
             continue
-        if c_first and _c_layout(y.dtype, (y, g, tau)):
+        if c_wanted and _c_layout(y.dtype, (y, g, tau)):
             job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), count, n)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, tau)
@@ -207,12 +208,12 @@ def adamg_(
     tri: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size: Triton's
     twin: tuple[list, ...] = ([], [], [], [], [], [])
     numel = rows = 0
-    c_first = _c_first(choice)
+    c_wanted = c_first(choice)
     for y, g, m, v, n, step_size in zip(ys, gs, ms, vs, ns, step_sizes, strict=True):
         count = y.numel() // n
         if count == 0:
             continue
-        if c_first and _c_layout(y.dtype, (y, g, m, v)):
+        if c_wanted and _c_layout(y.dtype, (y, g, m, v)):
             job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), count, n, step_size)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, m, v)
@@ -258,13 +259,13 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
     pending: list[int] = []
     tri: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor, int]]] = {}
     numel = rows = 0
-    c_first = _c_first(choice)
+    c_wanted = c_first(choice)
     for i, (y, g, n) in enumerate(zip(ys, gs, ns, strict=True)):
         count = y.numel() // n if n else 0
         if count == 0:
             continue
         dtype = y.dtype
-        if c_first and _c_layout(dtype, (y, g)):
+        if c_wanted and _c_layout(dtype, (y, g)):
             indices, jobs = c_jobs.setdefault(dtype, ([], []))
             indices.append(i)
             jobs.append((y.data_ptr(), g.data_ptr(), count, n, *limits(dtype)))
