@@ -91,7 +91,7 @@ def check_step(
     dtensors = False
     for gi, group, plain, curved in work:
         for item in plain + curved:
-            if item.param.is_meta:
+            if item.point.is_meta:  # (a meta DTensor's shard is on the meta device too)
                 raise ValueError(
                     f"{optimizer}: {param_label(group, gi, item.index)} is on the meta device: "
                     "it holds no values to step; materialize the model first "

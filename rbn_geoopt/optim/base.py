@@ -298,11 +298,10 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         orthogonality term, computed on the whole weight (all-gathered for a DTensor) in
         the working dtype and cut back to this rank's rows."""
         omega = group["omega"]
+        if omega == 0:
+            return [item.grad for item in items]
         out = []
         for item in items:
-            if omega == 0:
-                out.append(item.grad)
-                continue
             dtype = working_dtype(item.param.dtype)
             full = gathered(item.param).to(dtype)
             term = orthogonality_egrad(full, item.manifold.ndim, omega)
