@@ -153,3 +153,26 @@ def test_fused_true_insists_and_refuses_what_it_cannot_step(cls):
         cls([half], lr=0.1, fused=True)
     with pytest.raises(ValueError, match="fused=True and foreach=True"):
         cls([w], lr=0.1, fused=True, foreach=True)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("cls", [SGDG, AdamG])
+def test_a_step_writes_the_manifold_parameter_itself(cls, foreach, kernels, monkeypatch):
+    """A step reads and writes a geoopt ManifoldParameter through a plain alias: the
+    parameter's own storage changes, its version counter is bumped (autograd detects a
+    step between forward and backward), and it keeps its class and manifold."""
+    monkeypatch.setenv(_fused.ENV_VAR, kernels)
+    gen = torch.Generator().manual_seed(5)
+    w = geoopt.ManifoldParameter(
+        torch.randn(4, 3, 2, dtype=F64, generator=gen), manifold=Grassmann1(ndim=2)
+    )
+    before, pointer, version = w.detach().clone(), w.data_ptr(), w._version
+    w.grad = torch.randn(4, 3, 2, dtype=F64, generator=gen)
+    loss = (w * w).sum()
+    cls([w], lr=0.1, foreach=foreach).step()
+    assert w._version > version and w.data_ptr() == pointer
+    assert type(w) is geoopt.ManifoldParameter and isinstance(w.manifold, Grassmann1)
+    assert (w.detach() - before).abs().amax(dim=(1, 2)).min() > 1e-6  # every point moved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

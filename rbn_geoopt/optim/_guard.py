@@ -64,8 +64,11 @@ PLAIN, GRASSMANN, OTHER = 0, 1, 2
 
 class Item(NamedTuple):
     """One parameter with a gradient, as a step sees it: ``point`` and ``grad`` are the
-    rank-local tensors (a DTensor's shard), ``kind`` one of PLAIN / GRASSMANN / OTHER,
-    ``index`` its place in the group (for error messages)."""
+    rank-local tensors the step reads and writes (a DTensor's shard; for a geoopt
+    ``ManifoldParameter``, a plain ``detach()`` alias: same storage and version counter,
+    without the subclass's slower attribute reads), ``kind`` one of PLAIN / GRASSMANN /
+    OTHER, ``index`` its place in the group (for error messages), ``sharded`` whether the
+    parameter is a DTensor (its state is sharded like it)."""
 
     param: torch.Tensor
     point: torch.Tensor
@@ -73,6 +76,7 @@ class Item(NamedTuple):
     manifold: Manifold
     kind: int
     index: int
+    sharded: bool
 
 
 def check_step(
@@ -87,17 +91,17 @@ def check_step(
     dtensors = False
     for gi, group, plain, curved in work:
         for item in plain + curved:
-            if item.param.device.type == "meta":
+            if item.point.is_meta:  # (a meta DTensor's shard is on the meta device too)
                 raise ValueError(
                     f"{optimizer}: {param_label(group, gi, item.index)} is on the meta device: "
                     "it holds no values to step; materialize the model first "
                     "(model.to_empty(device=...), then initialize its weights)"
                 )
-            dtensors = dtensors or item.point is not item.param
+            dtensors = dtensors or item.sharded
             if item.kind == GRASSMANN:
                 ys.append(item.point)
                 gs.append(item.grad)
-                ns.append(math.prod(item.point.shape[item.point.dim() - item.manifold.ndim :]))
+                ns.append(math.prod(item.point.shape[-item.manifold.ndim :]))  # row length
                 where_rows.append((gi, group, item))
             elif item.kind == PLAIN:
                 finite.append(((gi, group, item), (item.grad,)))

@@ -141,8 +141,12 @@ class AdamG(RiemannianOptimizer):
                 state = self._init_state(item.param, item.manifold)
             params.append(item.point)
             manifolds.append(item.manifold)
-            exp_avgs.append(local(state["exp_avg"]))
-            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            if item.sharded:  # a DTensor parameter's state is sharded like it: its shards
+                exp_avgs.append(local(state["exp_avg"]))
+                exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            else:
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         adamg(
@@ -188,7 +192,7 @@ def adamg(
     take the fused kernel (``choice``: its backend); everything else the single-tensor
     path. Inputs are trusted: :class:`AdamG` has validated them.
     """
-    batch: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size
+    ys, gs, ms, vs, ns, step_sizes = [], [], [], [], [], []  # the fused kernel's: one call
     for param, grad, exp_avg, exp_avg_sq, step_t, manifold in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, manifolds, strict=True
     ):
@@ -196,17 +200,12 @@ def adamg(
         step = step_t.item()
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         if fused and fused_kernel_steps(param, manifold):
-            n = math.prod(param.shape[param.dim() - manifold.ndim :])
-            values = (
-                param,
-                grad if grad.dtype == param.dtype else grad.to(param.dtype),
-                exp_avg,
-                exp_avg_sq,
-                n,
-                step_size,
-            )
-            for column, value in zip(batch, values, strict=True):
-                column.append(value)
+            ys.append(param)
+            gs.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
+            ms.append(exp_avg)
+            vs.append(exp_avg_sq)
+            ns.append(math.prod(param.shape[-manifold.ndim :]))  # row length
+            step_sizes.append(step_size)
         else:
             _single_tensor_adamg(
                 param,
@@ -221,8 +220,20 @@ def adamg(
                 weight_decay=weight_decay,
                 grad_clip=grad_clip,
             )
-    if batch[0]:
-        _fused_adamg(*batch, beta1=beta1, beta2=beta2, eps=eps, grad_clip=grad_clip, choice=choice)
+    if ys:
+        _fused_adamg(
+            ys,
+            gs,
+            ms,
+            vs,
+            ns,
+            step_sizes,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            grad_clip=grad_clip,
+            choice=choice,
+        )
 
 
 def _single_tensor_adamg(

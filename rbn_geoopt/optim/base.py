@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from geoopt import Euclidean
+from geoopt import Euclidean, ManifoldTensor
 from geoopt.manifolds.base import Manifold
 from geoopt.optim.mixin import OptimMixin
 from torch.optim.adam import adam as _torch_adam
@@ -244,7 +244,8 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         return loss
 
     def _step(self, choice: str) -> None:
-        work = [self._collect(index, group) for index, group in enumerate(self.param_groups)]
+        alias = _fused.c_first(choice)
+        work = [self._collect(i, group, alias) for i, group in enumerate(self.param_groups)]
         check_step(type(self).__name__, work, choice)
         for _, group, plain, curved in work:
             if plain:
@@ -255,9 +256,16 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
             if group["stabilize"] is not None and group["step"] % group["stabilize"] == 0:
                 self.stabilize_group(group)
 
-    def _collect(self, index: int, group: dict[str, Any]):
+    def _collect(self, index: int, group: dict[str, Any], alias: bool):
         """``(index, group, plain items, manifold items)``: the group's parameters that
-        have a gradient (see :class:`._guard.Item`)."""
+        have a gradient (see :class:`._guard.Item`).
+
+        With ``alias`` (the C kernel may read the points: :func:`._fused.c_first`), a CPU
+        geoopt ``ManifoldTensor`` is read and written through ``param.detach()``: same
+        storage and version counter, but every attribute read of geoopt's subclass looks
+        up ``__torch_function__`` through five classes, and a step reads each point's
+        attributes about fifteen times. Elsewhere the alias would only add an aten op per
+        tensor (the twin's op budget)."""
         plain, curved = [], []
         for j, param in enumerate(group["params"]):
             grad = param.grad
@@ -273,9 +281,11 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
             if kind is None:
                 kind = _kind(manifold)
             if _DTensor is not None and isinstance(param, _DTensor):
-                item = Item(param, param.to_local(), grad.to_local(), manifold, kind, j)
+                item = Item(param, param.to_local(), grad.to_local(), manifold, kind, j, True)
+            elif alias and kind != PLAIN and isinstance(param, ManifoldTensor) and param.is_cpu:
+                item = Item(param, param.detach(), grad, manifold, kind, j, False)
             else:
-                item = Item(param, param, grad, manifold, kind, j)
+                item = Item(param, param, grad, manifold, kind, j, False)
             (plain if kind == PLAIN else curved).append(item)
         return index, group, plain, curved
 
@@ -288,11 +298,10 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         orthogonality term, computed on the whole weight (all-gathered for a DTensor) in
         the working dtype and cut back to this rank's rows."""
         omega = group["omega"]
+        if omega == 0:
+            return [item.grad for item in items]
         out = []
         for item in items:
-            if omega == 0:
-                out.append(item.grad)
-                continue
             dtype = working_dtype(item.param.dtype)
             full = gathered(item.param).to(dtype)
             term = orthogonality_egrad(full, item.manifold.ndim, omega)

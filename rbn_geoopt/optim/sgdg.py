@@ -160,9 +160,11 @@ class SGDG(RiemannianOptimizer):
             manifolds.append(item.manifold)
             if buffers is not None:
                 state = self.state[item.param]
-                if state.get("momentum_buffer") is None:
-                    state = self._init_state(item.param, item.manifold)
-                buffers.append(local(state["momentum_buffer"]))
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = self._init_state(item.param, item.manifold)["momentum_buffer"]
+                # a DTensor parameter's buffer is a DTensor sharded like it: its local shard
+                buffers.append(local(buffer) if item.sharded else buffer)
         sgdg(
             params,
             self._gradients(group, items),
@@ -199,16 +201,13 @@ def sgdg(
     are trusted: :class:`SGDG` has validated them.
     """
     taus = momentum_buffers if momentum_buffers is not None else [None] * len(params)
-    batch: tuple[list, list, list, list] = ([], [], [], [])  # y, g, tau, n: one fused call
+    ys, gs, fused_taus, ns = [], [], [], []  # the fused kernel's: one call for all of them
     for param, grad, tau, manifold in zip(params, grads, taus, manifolds, strict=True):
         if fused and fused_kernel_steps(param, manifold):
-            n = math.prod(param.shape[param.dim() - manifold.ndim :])
-            for column, value in zip(
-                batch,
-                (param, grad if grad.dtype == param.dtype else grad.to(param.dtype), tau, n),
-                strict=True,
-            ):
-                column.append(value)
+            ys.append(param)
+            gs.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
+            fused_taus.append(tau)
+            ns.append(math.prod(param.shape[-manifold.ndim :]))  # row length
         else:
             _single_tensor_sgdg(
                 param,
@@ -220,8 +219,10 @@ def sgdg(
                 weight_decay=weight_decay,
                 grad_clip=grad_clip,
             )
-    if batch[0]:
-        _fused_sgdg(*batch, lr=lr, momentum=momentum, grad_clip=grad_clip, choice=choice)
+    if ys:
+        _fused_sgdg(
+            ys, gs, fused_taus, ns, lr=lr, momentum=momentum, grad_clip=grad_clip, choice=choice
+        )
 
 
 def _single_tensor_sgdg(

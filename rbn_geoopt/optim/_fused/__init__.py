@@ -37,7 +37,8 @@ except ImportError:  # not built (no compiler): everything runs in torch
     _crows = None
 
 __all__ = [
-    "ENV_VAR", "adamg_", "backend", "c_ok", "check_rows", "sgdg_", "sum_squares", "triton_ok",
+    "ENV_VAR", "adamg_", "backend", "c_first", "c_ok", "check_rows", "sgdg_", "sum_squares",
+    "triton_ok",
 ]  # fmt: skip
 
 #: environment variable that forces a backend: "torch", "c" or "auto" (the default)
@@ -89,13 +90,7 @@ def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
     tensor it cannot take is a ValueError."""
     if choice in ("torch", "triton"):
         return False
-    dtype = tensors[0].dtype
-    ok = _crows is not None and dtype in _C_DTYPES
-    if ok:
-        for t in tensors:
-            if t is not None and not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
-                ok = False
-                break
+    ok = _crows is not None and _c_layout(tensors[0].dtype, tensors)
     if not ok and choice == "c":
         found = [(t.device.type, t.dtype) for t in tensors if t is not None]
         raise ValueError(
@@ -103,6 +98,31 @@ def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
             f"dtype, got {found}"
         )
     return ok
+
+
+def _c_layout(dtype: torch.dtype, tensors) -> bool:
+    """Whether every tensor of ``tensors`` (None entries skipped) is a CPU, C-contiguous
+    tensor of ``dtype``, a dtype of the C kernel: the test behind :func:`c_ok`, without
+    its ``choice``, for the loops that ask it of every tensor of a step."""
+    if dtype not in _C_DTYPES:
+        return False
+    for t in tensors:
+        if t is not None and not (t.dtype == dtype and t.is_cpu and t.is_contiguous()):
+            return False
+    return True
+
+
+def c_first(choice: str) -> bool:
+    """Whether ``choice`` lets the C kernel take the tensors it can (built, not "torch" or
+    "triton")."""
+    return _crows is not None and choice in ("auto", "c")
+
+
+def _insist_c(choice: str, *tensors: torch.Tensor | None) -> None:
+    """With ``choice == "c"``, the ValueError of :func:`c_ok` for tensors the C kernel
+    cannot take; nothing otherwise."""
+    if choice == "c":
+        c_ok(choice, *tensors)
 
 
 def _nthreads(numel: int, rows: int) -> int:
@@ -147,16 +167,18 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     tri: tuple[list, ...] = ([], [], [], [])  # y, g, tau, n: the Triton kernels' tensors
     twin: tuple[list, ...] = ([], [], [], [])
     numel = rows = 0
+    c_wanted = c_first(choice)
     for y, g, tau, n in zip(ys, gs, taus, ns, strict=True):
         count = y.numel() // n
         if count == 0:
             continue
-        if c_ok(choice, y, g, tau):
+        if c_wanted and _c_layout(y.dtype, (y, g, tau)):
             job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), count, n)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, tau)
             numel, rows = numel + count * n, rows + count
             continue
+        _insist_c(choice, y, g, tau)
         if triton_ok(choice, y, g, tau):
             for column, value in zip(tri, (y, g, tau, n), strict=True):
                 column.append(value)
@@ -186,16 +208,18 @@ def adamg_(
     tri: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size: Triton's
     twin: tuple[list, ...] = ([], [], [], [], [], [])
     numel = rows = 0
+    c_wanted = c_first(choice)
     for y, g, m, v, n, step_size in zip(ys, gs, ms, vs, ns, step_sizes, strict=True):
         count = y.numel() // n
         if count == 0:
             continue
-        if c_ok(choice, y, g, m, v):
+        if c_wanted and _c_layout(y.dtype, (y, g, m, v)):
             job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), count, n, step_size)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, m, v)
             numel, rows = numel + count * n, rows + count
             continue
+        _insist_c(choice, y, g, m, v)
         if triton_ok(choice, y, g, m, v):
             for column, value in zip(tri, (y, g, m, v, n, step_size), strict=True):
                 column.append(value)
@@ -230,27 +254,32 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
     per dtype for the tensors the C kernel takes, one batched
     :func:`.torch_twin.first_bad_rows` call (one synchronization per device and dtype)
     for the others."""
-    out: list[tuple[int, int] | None] = [None] * len(ys)
-    c_jobs: dict[torch.dtype, list[tuple[int, tuple]]] = {}
+    out: list[tuple[int, int]] = [(-1, -1)] * len(ys)  # an empty tensor has no bad row
+    c_jobs: dict[torch.dtype, tuple[list[int], list[tuple]]] = {}  # (indices, jobs)
     pending: list[int] = []
     tri: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor, int]]] = {}
     numel = rows = 0
+    c_wanted = c_first(choice)
     for i, (y, g, n) in enumerate(zip(ys, gs, ns, strict=True)):
         count = y.numel() // n if n else 0
         if count == 0:
-            out[i] = (-1, -1)
-        elif c_ok(choice, y, g):
-            job = (y.data_ptr(), g.data_ptr(), count, n, *limits(y.dtype))
-            c_jobs.setdefault(y.dtype, []).append((i, job))
+            continue
+        dtype = y.dtype
+        if c_wanted and _c_layout(dtype, (y, g)):
+            indices, jobs = c_jobs.setdefault(dtype, ([], []))
+            indices.append(i)
+            jobs.append((y.data_ptr(), g.data_ptr(), count, n, *limits(dtype)))
             numel, rows = numel + count * n, rows + count
-        elif triton_ok(choice, y, g):
+            continue
+        _insist_c(choice, y, g)
+        if triton_ok(choice, y, g):
             tri.setdefault(y.device, []).append((i, y, g, n))
         else:
             pending.append(i)
     threads = _nthreads(numel, rows)
-    for dtype, items in c_jobs.items():
-        found = _crows.check_rows([job for _, job in items], _C_DTYPES[dtype], threads)
-        for (i, _), pair in zip(items, found, strict=True):
+    for dtype, (indices, jobs) in c_jobs.items():
+        found = _crows.check_rows(jobs, _C_DTYPES[dtype], threads)
+        for i, pair in zip(indices, found, strict=True):
             out[i] = tuple(pair)
     for items in tri.values():
         found = _triton().check_rows(*zip(*[item[1:] for item in items], strict=True), limits)
