@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from comparisons import __main__ as cli
-from comparisons import merge, study_lr
+from comparisons import merge, report, study_lr
 from comparisons.methods import METHODS
 from comparisons.study_lr import CHANCE, basin, log_grid_search
 from tests.test_comparisons import fake_fashion_mnist
@@ -167,6 +167,13 @@ def test_quick_lr_study_writes_its_table_and_plot(quick_lr):
     assert {"SGD", "Adam-G"} <= set(rows)
     assert "`lr_g`" in rows["Adam-G"] and "lr=0." in rows["Adam-G"]  # the fixed Euclidean lr
     assert "`lr`" in rows["SGD"]
+    # the noise-tolerant basin (+3 points) is computed from the same validation means
+    result = json.loads((out / "results.json").read_text())["lr"]["methods"]["SGD"]
+    xs, means = [p["x"] for p in result["grid"]], [p["val_mean"] for p in result["grid"]]
+    wide = basin(xs, means, report.WIDE_BASIN)
+    cell = rows["SGD"].split("|")[-2].strip()
+    assert cell == ("≥ " if wide["open_lo"] or wide["open_hi"] else "") + f"{wide['decades']:.2f}"
+    assert wide["decades"] >= result["basin_decades"]
 
 
 def test_quick_lr_study_chooses_on_validation_and_reports_test(quick_lr):
