@@ -233,7 +233,7 @@ def plot_lr(result: dict, out: Path) -> list[Path]:
     """Test error (median over seeds) against the swept rate, SGD-type and Adam-type."""
     rules = [("sgd", "SGD-type"), ("adam", "Adam-type")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
-    top = 0.0
+    top, bottom = 0.0, 100.0
     for ax, (rule, title) in zip(axes[0], rules, strict=True):
         for label, e in result["methods"].items():
             if e["rule"] != rule:
@@ -245,6 +245,7 @@ def plot_lr(result: dict, out: Path) -> list[Path]:
             (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=name)
             ax.plot([e["chosen_x"]], [e["test_error_median"]], "*", ms=10, color=line.get_color())
             top = max(top, e["test_error_median"])
+            bottom = min(bottom, e["test_error_median"])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate swept (lr; lr_g for the manifold methods)")
         ax.set_title(title, fontsize=9)
@@ -252,7 +253,7 @@ def plot_lr(result: dict, out: Path) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     for ax in axes[0]:
-        ax.set_ylim(bottom=0, top=min(92.0, top + 20.0))
+        ax.set_ylim(bottom=max(0.0, bottom - 5.0), top=min(92.0, top + 20.0))
     axes[0][0].set_ylabel("test error % (median over seeds)")
     fig.suptitle("Learning-rate sensitivity: star = the point chosen on validation", fontsize=9)
     fig.tight_layout()
