@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="A,B,C",
         help="comma-separated studies among A, B, C, sweep, lr (default: A,B,C); lr is the "
         "learning-rate sensitivity study: a CI-sized run with --smoke/--quick, the real one "
-        "with --full (about 2.5 min a method with 2 seeds on an idle core)",
+        "with --full (5-8 min a method with 2 seeds, 1 thread, on a shared 2-core machine)",
     )
     p.add_argument(
         "--sweep",

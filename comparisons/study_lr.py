@@ -50,8 +50,9 @@ _TINY = {"name": "vgg", "widths": (4, 8, 8, 8)}
 #: apart, one seed by default); ``--full`` is the real study: study A's quick data budget
 #: (3,500 training images, VGG, 3 epochs) with 1,000 validation images carved from the
 #: training set and 2,000 test images, 7 points over 3 decades, widened up to 2 points.
-#: Measured on the shared 2-core project machine: see the README (about 10 s a run on an
-#: idle core, ~17 runs a method with 2 seeds).
+#: Measured with --full on the shared 2-core project machine, 1 thread per process, 2-3
+#: processes at once: 14-18 runs a method with 2 seeds, 5-8 min a method (all 11 methods:
+#: 65 process-minutes, 36 min of wall time as four processes).
 BUDGETS = {
     "smoke": {
         "model": _TINY,
