@@ -11,6 +11,8 @@ Examples::
     python -m comparisons --full --out results  # the README's table (about 75 min)
     python -m comparisons --sweep --study sweep # only the learning-rate sweep
     python -m comparisons --study B --seeds 0,1,2
+    python -m comparisons --study lr            # LR sensitivity, CI size (< 30 s)
+    python -m comparisons --study lr --full --methods sgd,sgdg --threads 1
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STUDIES = ("A", "sweep", "B", "C")
+STUDIES = ("A", "sweep", "lr", "B", "C")
 DEFAULT_SEEDS = {"smoke": [0], "quick": [0], "full": [0, 1]}
 
 
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--study",
         default="A,B,C",
-        help="comma-separated studies among A, B, C, sweep (default: A,B,C)",
+        help="comma-separated studies among A, B, C, sweep, lr (default: A,B,C); lr is the "
+        "learning-rate sensitivity study: a CI-sized run with --smoke/--quick, the real one "
+        "with --full (5-8 min a method with 2 seeds, 1 thread, on a shared 2-core machine)",
     )
     p.add_argument(
         "--sweep",
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         methods = parse_methods(args.methods)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if "A" in studies or "sweep" in studies:
+    needs_data = bool({"A", "sweep", "lr"} & set(studies))
+    if needs_data:
         missing = missing_packages(methods)
         if missing:
             needs = "; ".join(f"{', '.join(keys)} need(s) {pkg}" for pkg, keys in missing.items())
@@ -169,17 +174,22 @@ def run(args: argparse.Namespace) -> list[Path]:
     import geoopt
     import torch
 
-    from . import report, study_a, study_b, study_c
+    from . import report, study_a, study_b, study_c, study_lr
     from .data import DataError, load_fashion_mnist
 
     device = check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data = None
-    if "A" in studies or "sweep" in studies:
+    if needs_data:
         try:
             data = load_fashion_mnist(args.data)
         except DataError as err:
+            raise UsageError(str(err)) from None
+    if "lr" in studies:
+        try:  # a budget that cannot fit is refused before anything runs
+            study_lr.check_budget(study_lr.BUDGETS[args.mode], len(data[0]))
+        except ValueError as err:
             raise UsageError(str(err)) from None
 
     progress = not args.no_progress
@@ -210,6 +220,16 @@ def run(args: argparse.Namespace) -> list[Path]:
         elif study == "sweep":
             budget = study_a.BUDGETS[args.mode]
             results["sweep"] = study_a.run_sweep(budget, data, methods, seeds, device, progress)
+        elif study == "lr":
+
+            def checkpoint(partial: dict) -> None:  # finished methods survive an interrupt
+                results["meta"]["seconds"] = time.perf_counter() - start
+                report.write_all({**results, "lr": partial}, out, plots=("lr",))
+
+            budget = study_lr.BUDGETS[args.mode]
+            results["lr"] = study_lr.run_lr_study(
+                budget, data, methods, seeds, device, progress, on_method=checkpoint
+            )
         elif study == "B":
             results["B"] = study_b.run_study_b(study_b.BUDGETS[args.mode], seeds, progress)
         else:

@@ -2,10 +2,11 @@
 
 The README's results come from more than one run (``--full`` for studies A-C, then
 ``--full --study sweep --sweep``, a third seed of study A, a rerun of study C after a speed
-change); this puts them into one ``summary.md`` / ``results.json`` / plots, and the summary
-lists every run's command and wall time. A later run replaces a study, except study A runs
-of the same models and budget with other seeds: their seeds are added (runs concatenated,
-medians and the baseline's error recomputed).
+change, the lr study as two processes with different ``--methods``); this puts them into
+one ``summary.md`` / ``results.json`` / plots, and the summary lists every run's command and
+wall time. A later run replaces a study, except study A runs of the same models and budget
+with other seeds: their seeds are added (runs concatenated, medians and the baseline's
+error recomputed), and lr-study runs of the same budget and seeds: their methods are added.
 
 Example::
 
@@ -23,9 +24,9 @@ from pathlib import Path
 from . import report
 from .study_a import summarize_method
 
-__all__ = ["merge_results", "merge_study_a"]
+__all__ = ["merge_lr", "merge_results", "merge_study_a"]
 
-STUDY_ORDER = ("A", "sweep", "B", "C")
+STUDY_ORDER = ("A", "sweep", "lr", "B", "C")
 
 
 def merge_results(runs: list[dict]) -> dict:
@@ -44,6 +45,8 @@ def merge_results(runs: list[dict]) -> dict:
         for study, value in run.items():
             if study == "A" and "A" in merged:
                 merged["A"] = merge_study_a(merged["A"], value)
+            elif study == "lr" and "lr" in merged:
+                merged["lr"] = merge_lr(merged["lr"], value)
             elif study != "meta":
                 merged[study] = value
     meta = dict(runs[0].get("meta", {}))
@@ -100,6 +103,22 @@ def merge_study_a(a: dict, b: dict) -> dict:
             entry["summary"] = summarize_method(entry["runs"], base_error)
         out["models"][key] = {**model, "baseline_error": base_error, "methods": methods}
     return out
+
+
+def merge_lr(a: dict, b: dict) -> dict:
+    """The lr study with the methods of ``a`` then ``b`` when both ran the same budget,
+    split and seeds (``b``'s row wins for a method in both), else ``b``.
+
+    >>> a = {"config": {"fit": 1}, "drops": [], "seeds": [0], "methods": {"SGD": 1}}
+    >>> merge_lr(a, {**a, "methods": {"Adam": 2}})["methods"]
+    {'SGD': 1, 'Adam': 2}
+    >>> merge_lr(a, {**a, "seeds": [1], "methods": {"Adam": 2}})["methods"]
+    {'Adam': 2}
+    """
+    same = all(a.get(k) == b.get(k) for k in ("config", "drops", "seeds"))
+    if not same:
+        return b
+    return {**a, "methods": {**a["methods"], **b["methods"]}}
 
 
 def main(argv: list[str] | None = None) -> int:

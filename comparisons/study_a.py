@@ -33,7 +33,14 @@ from .data import Split, carve_validation, subsample
 from .methods import Method, hyperparameters, implementation
 from .train import lr_drops, train_run
 
-__all__ = ["BUDGETS", "run_study_a", "run_sweep", "summarize_method"]
+__all__ = [
+    "BUDGETS",
+    "run_study_a",
+    "run_sweep",
+    "summarize_method",
+    "sweep_common",
+    "sweep_splits",
+]
 
 _VGG = {"name": "vgg", "widths": (16, 32, 64, 64)}
 _RESNET = {"name": "preact_resnet", "widths": (16, 32, 64), "blocks": 1}
@@ -232,6 +239,28 @@ def _grid_points(method: Method, max_grid: int | None) -> list[dict]:
     return points[:max_grid] if max_grid else points
 
 
+def sweep_splits(spec: dict, data: tuple[Split, Split]) -> tuple[Split, Split, Split]:
+    """``(fit, val, test)`` of a sweep budget: ``spec["val"]`` validation images carved from
+    the training set (the test set plays no part in a choice), then ``spec["fit"]`` of the
+    rest and ``spec["test"]`` test images (fixed random subsets; None keeps all)."""
+    train, test = data
+    fit, val = carve_validation(train, spec["val"])
+    return subsample(fit, spec.get("fit")), val, subsample(test, spec.get("test"), seed=1)
+
+
+def sweep_common(spec: dict, device: str = "cpu", progress: bool = True) -> dict:
+    """The keywords of ``train_run`` that every run of a sweep budget shares."""
+    return {
+        "epochs": spec["epochs"],
+        "drops": lr_drops(spec["epochs"]),
+        "batch_size": spec.get("batch_size", BATCH_SIZE),
+        "max_batches": spec.get("max_batches"),
+        "device": device,
+        "progress": progress,
+        "track_angles": False,
+    }
+
+
 def run_sweep(
     budget: dict,
     data: tuple[Split, Split],
@@ -242,19 +271,9 @@ def run_sweep(
 ) -> dict:
     """Learning rates chosen on a validation split, then compared on the test set."""
     spec = budget["sweep"]
-    train, test = data
-    fit, val = carve_validation(train, spec["val"])
-    fit, test = subsample(fit, spec.get("fit")), subsample(test, spec.get("test"), seed=1)
-    drops = lr_drops(spec["epochs"])
-    common = {
-        "epochs": spec["epochs"],
-        "drops": drops,
-        "batch_size": spec.get("batch_size", BATCH_SIZE),
-        "max_batches": spec.get("max_batches"),
-        "device": device,
-        "progress": progress,
-        "track_angles": False,
-    }
+    fit, val, test = sweep_splits(spec, data)
+    common = sweep_common(spec, device, progress)
+    drops = common["drops"]
     grids = {m.key: _grid_points(m, spec.get("max_grid")) for m in methods}
     total = sum(len(g) + len(seeds) - 1 for g in grids.values())
     bar = tqdm(total=total, desc="sweep", disable=not progress)
