@@ -393,8 +393,12 @@ def test_step_between_forward_and_backward_is_detected(backend):
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "row_slice"])
-def test_non_contiguous_tensors_use_torch_and_write_back(layout):
+def test_non_contiguous_tensors_are_stepped_and_written_back(layout, backend, monkeypatch):
+    """Strided CPU float32/float64 tensors: the C kernel on contiguous copies, written
+    back (auto), or the torch twin (torch); the same rows as the reference either way."""
+    monkeypatch.setenv(_fused.ENV_VAR, backend)
     y, g, tau, _ = random_state(9)
     ref_y, ref_tau = ref_sgdg(y, g, tau, lr=0.1, momentum=0.9)
     if layout == "channels_last":
@@ -405,10 +409,32 @@ def test_non_contiguous_tensors_use_torch_and_write_back(layout):
         y = wide[:, :3]
     assert not y.is_contiguous()
     assert not _fused.c_ok("auto", y, g, tau)
+    version = y._version
     sgdg_step_(y, g, tau, ndim=NDIM, lr=0.1, momentum=0.9)
     assert _err(y, ref_y) < 1e-12 and _err(tau, ref_tau) < 1e-12
+    assert y._version > version and not y.is_contiguous()  # written in place, layout kept
     if layout == "row_slice":
         assert (wide[:, 3] == 0).all()
+
+
+@needs_c
+@pytest.mark.parametrize("algo", ["sgdg", "adamg"])
+def test_channels_last_takes_the_c_kernel_through_copies(algo, monkeypatch):
+    """A channels_last step equals, bit for bit, the C kernel's step of the same values
+    laid out contiguously (and the twin is not called)."""
+    y, g, m, v = random_state(16)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (y, g, m)]
+    plain = [t.clone() for t in (y, g, m)]
+    v_cl, v_plain = v.clone(), v.clone()
+    monkeypatch.setattr(_fused.torch_twin, "sgdg_many_", None)  # a call would raise
+    monkeypatch.setattr(_fused.torch_twin, "adamg_many_", None)
+    for (yy, gg, mm), vv in ((cl, v_cl), (plain, v_plain)):
+        if algo == "sgdg":
+            sgdg_step_(yy, gg, mm, ndim=NDIM, lr=0.1, momentum=0.9)
+        else:
+            adamg_step_(yy, gg, mm, vv, ndim=NDIM, step=2, lr=0.1, **ADAM)
+    assert torch.equal(cl[0], plain[0]) and torch.equal(cl[2], plain[2])
+    assert torch.equal(v_cl, v_plain) and cl[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -176,3 +176,27 @@ def test_guard_finds_the_first_bad_rows_of_every_tensor_in_a_batch():
     expected[1], expected[4] = (3, 3), (-1, 2)  # |g| |y|^2 is not finite at an inf row
     assert found == expected
     assert _fused.check_rows(ys, gs, ns, "torch") == expected
+
+
+@pytest.mark.parametrize("algo", ["sgdg", "adamg"])
+def test_channels_last_points_and_gradients_step_on_the_twin(algo, monkeypatch):
+    """A channels_last conv weight has a channels_last gradient: torch.cat of such tensors
+    is channels_last too, and the twin (step and guard) must still lay its rows out."""
+    import geoopt
+
+    from rbn_geoopt import SGDG, AdamG, Grassmann1
+
+    monkeypatch.setenv(_fused.ENV_VAR, "torch")
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(6, 4, 3, 3, generator=gen, dtype=F64)
+    g = torch.randn(6, 4, 3, 3, generator=gen, dtype=F64)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        p = geoopt.ManifoldParameter(y.clone(memory_format=fmt), manifold=Grassmann1(ndim=3))
+        p.grad = g.clone(memory_format=fmt)
+        opt = SGDG([p], lr=0.1, momentum=0.9) if algo == "sgdg" else AdamG([p], lr=0.1)
+        assert _fused.check_rows([p.detach()], [p.grad], [36], "torch") == [(-1, -1)]
+        opt.step()
+        opt.step()
+        outs.append(p.detach().contiguous())
+    assert torch.equal(outs[0], outs[1])

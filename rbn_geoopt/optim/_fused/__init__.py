@@ -6,13 +6,15 @@ added and the step guard has read every point and gradient before a kernel runs,
 argument is checked again. A tensor list is stepped in place by
 
 * the C extension ``_crows`` (C99 + OpenMP, AVX2 + FMA copies when the CPU has them): one
-  call per dtype for the rows of every CPU, C-contiguous float32/float64 tensor of the
-  list, spread over ``torch.get_num_threads()`` threads (one thread below
-  ``PARALLEL_MIN_NUMEL`` elements);
+  call per dtype for the rows of every CPU float32/float64 tensor of the list, spread over
+  ``torch.get_num_threads()`` threads (one thread below ``PARALLEL_MIN_NUMEL`` elements);
+  a strided one (a channels_last conv weight, a slice) through a contiguous copy written
+  back after the call (ResNet-18's conv weights in channels_last: ~66 ms a step, against
+  ~330 ms on the twin and 8 ms contiguous);
 * the Triton kernels :mod:`.triton_rows` for CUDA tensors when ``triton`` is importable
   (one launch per tensor; the ``gpu`` extra installs it);
 * its pure-torch twin :mod:`.torch_twin` for everything else (other devices, CUDA without
-  triton, half precision, strided views, no compiler at install time), with the same
+  triton, half precision, no compiler at install time), with the same
   formulas.
 
 ``RBN_GEOOPT_KERNELS=torch`` forces the twin, ``=c`` insists on C and ``=triton`` on Triton
@@ -112,6 +114,38 @@ def _c_layout(dtype: torch.dtype, tensors) -> bool:
     return True
 
 
+def _c_dtype_on_cpu(dtype: torch.dtype, tensors) -> bool:
+    """Whether every tensor of ``tensors`` (None entries skipped) is a CPU tensor of
+    ``dtype``, a dtype of the C kernel, in any layout: a strided one (e.g. a channels_last
+    conv weight, a slice) is stepped by the C kernel through a contiguous copy."""
+    if dtype not in _C_DTYPES:
+        return False
+    for t in tensors:
+        if t is not None and not (t.dtype == dtype and t.is_cpu):
+            return False
+    return True
+
+
+def _contiguous(tensors, copies: list) -> list:
+    """``tensors`` made C-contiguous; each copy made is recorded as ``(tensor, copy)`` in
+    ``copies`` (kept alive until the kernel has run; :func:`_copy_back` writes them)."""
+    out = []
+    for t in tensors:
+        c = None if t is None else t.contiguous()
+        if c is not t:
+            copies.append((t, c))
+        out.append(c)
+    return out
+
+
+def _copy_back(copies: list, written: set[int]) -> None:
+    """Copy the kernel's results back into the strided tensors it wrote (ids in
+    ``written``); read-only copies (gradients) are dropped."""
+    for t, c in copies:
+        if id(t) in written:
+            t.copy_(c)
+
+
 def c_first(choice: str) -> bool:
     """Whether ``choice`` lets the C kernel take the tensors it can (built, not "torch" or
     "triton")."""
@@ -163,7 +197,7 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     (``taus[i]`` None without momentum), in place: the C kernel, the Triton kernels, and
     one batched :func:`.torch_twin.sgdg_many_` call for the tensors neither takes."""
     jobs: dict[torch.dtype, list[tuple]] = {}
-    written, bad = [], []
+    written, bad, copies = [], [], []
     tri: tuple[list, ...] = ([], [], [], [])  # y, g, tau, n: the Triton kernels' tensors
     twin: tuple[list, ...] = ([], [], [], [])
     numel = rows = 0
@@ -174,6 +208,13 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
             continue
         if c_wanted and _c_layout(y.dtype, (y, g, tau)):
             job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), count, n)
+            jobs.setdefault(y.dtype, []).append(job)
+            written += (y, tau)
+            numel, rows = numel + count * n, rows + count
+            continue
+        if c_wanted and _c_dtype_on_cpu(y.dtype, (y, g, tau)):
+            yc, gc, tc = _contiguous((y, g, tau), copies)
+            job = (yc.data_ptr(), gc.data_ptr(), 0 if tc is None else tc.data_ptr(), count, n)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, tau)
             numel, rows = numel + count * n, rows + count
@@ -190,6 +231,7 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     if jobs:
         bad += _run_c("sgdg_many", jobs, numel, rows, lr, momentum, nu)
         _written(written)
+        _copy_back(copies, {id(t) for t in written})
     if tri[0]:
         bad += _triton().sgdg_(*tri, lr=lr, momentum=momentum, nu=nu)
     _unstepped(bad)
@@ -204,7 +246,7 @@ def adamg_(
     the C kernel, the Triton kernels, and one batched :func:`.torch_twin.adamg_many_` call
     for the others."""
     jobs: dict[torch.dtype, list[tuple]] = {}
-    written, bad = [], []
+    written, bad, copies = [], [], []
     tri: tuple[list, ...] = ([], [], [], [], [], [])  # y, g, m, v, n, step size: Triton's
     twin: tuple[list, ...] = ([], [], [], [], [], [])
     numel = rows = 0
@@ -215,6 +257,13 @@ def adamg_(
             continue
         if c_wanted and _c_layout(y.dtype, (y, g, m, v)):
             job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), count, n, step_size)
+            jobs.setdefault(y.dtype, []).append(job)
+            written += (y, m, v)
+            numel, rows = numel + count * n, rows + count
+            continue
+        if c_wanted and _c_dtype_on_cpu(y.dtype, (y, g, m, v)):
+            yc, gc, mc, vc = _contiguous((y, g, m, v), copies)
+            job = (yc.data_ptr(), gc.data_ptr(), mc.data_ptr(), vc.data_ptr(), count, n, step_size)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, m, v)
             numel, rows = numel + count * n, rows + count
@@ -231,6 +280,7 @@ def adamg_(
     if jobs:
         bad += _run_c("adamg_many", jobs, numel, rows, beta1, beta2, eps, nu)
         _written(written)
+        _copy_back(copies, {id(t) for t in written})
     if tri[0]:
         bad += _triton().adamg_(*tri, beta1=beta1, beta2=beta2, eps=eps, nu=nu)
     _unstepped(bad)
@@ -251,13 +301,15 @@ def limits(dtype: torch.dtype) -> tuple[float, float, float]:
 def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
     """Per tensor, ``(first row with a bad point, first row with a bad gradient)`` (-1:
     none) by the rule of :func:`limits`: one read of every point and gradient, one C call
-    per dtype for the tensors the C kernel takes, one batched
+    per dtype for the CPU float32/float64 tensors (strided ones through contiguous copies),
+    the Triton sweep for the tensors it takes, one batched
     :func:`.torch_twin.first_bad_rows` call (one synchronization per device and dtype)
     for the others."""
     out: list[tuple[int, int]] = [(-1, -1)] * len(ys)  # an empty tensor has no bad row
     c_jobs: dict[torch.dtype, tuple[list[int], list[tuple]]] = {}  # (indices, jobs)
     pending: list[int] = []
     tri: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor, int]]] = {}
+    copies: list = []  # contiguous copies of strided CPU tensors, read by the C sweep
     numel = rows = 0
     c_wanted = c_first(choice)
     for i, (y, g, n) in enumerate(zip(ys, gs, ns, strict=True)):
@@ -269,6 +321,13 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
             indices, jobs = c_jobs.setdefault(dtype, ([], []))
             indices.append(i)
             jobs.append((y.data_ptr(), g.data_ptr(), count, n, *limits(dtype)))
+            numel, rows = numel + count * n, rows + count
+            continue
+        if c_wanted and _c_dtype_on_cpu(dtype, (y, g)):
+            yc, gc = _contiguous((y, g), copies)
+            indices, jobs = c_jobs.setdefault(dtype, ([], []))
+            indices.append(i)
+            jobs.append((yc.data_ptr(), gc.data_ptr(), count, n, *limits(dtype)))
             numel, rows = numel + count * n, rows + count
             continue
         _insist_c(choice, y, g)

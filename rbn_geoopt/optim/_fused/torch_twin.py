@@ -100,7 +100,8 @@ class _Block:
         self.trail = parts[0][0].shape[1:]
         x = torch.cat([t for part in parts for t in part])
         self.rows = x.numel() // (len(parts) * n)
-        x = x.view(len(parts), self.rows, n)
+        # reshape, not view: cat keeps a shared memory format (channels_last in, out)
+        x = x.reshape(len(parts), self.rows, n)
         self.x = x.float() if x.dtype in _HALF else x
 
     def dots(self) -> torch.Tensor:
