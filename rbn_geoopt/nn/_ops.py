@@ -43,6 +43,8 @@ from torch.fx import Node
 from ._norms import NormOp, norm_function, norm_module
 
 __all__ = [
+    "CONV_FUNCTIONS",
+    "CONV_MODULES",
     "Blocked",
     "BatchNormOp",
     "NormOp",
@@ -53,6 +55,10 @@ __all__ = [
     "classify",
     "describe",
 ]
+
+#: convolutions and their number of spatial dims k (a batched output has k + 2 dims)
+CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 Shape = tuple[int, ...] | None
 Transform = Callable[[torch.Tensor, Shape], torch.Tensor]

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from ._ops import (
+    CONV_FUNCTIONS,
+    CONV_MODULES,
     BatchNormOp,
     Blocked,
     Cat,
@@ -45,8 +47,6 @@ from ._trace import node_shape
 
 __all__ = ["CONV_FUNCTIONS", "CONV_MODULES", "Hit", "Outcome", "Propagation", "arg", "fetch"]
 
-CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _SUM_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 
 

@@ -31,12 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ._ops import BatchNormOp, Cat, NormOp, Unary, classify
+from ._ops import CONV_FUNCTIONS, CONV_MODULES, BatchNormOp, Cat, NormOp, Unary, classify
 
 __all__ = ["Ranks"]
 
-_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _SAME_RANK_FUNCTIONS = {
     torch.transpose,
     torch.permute,
@@ -118,16 +116,16 @@ class Ranks:
         if node.op == "call_module":
             module = self.modules[node.target]
             kind = type(module)
-            if kind in _CONV_MODULES:
-                return _CONV_MODULES[kind] + 2  # batched (documented assumption)
+            if kind in CONV_MODULES:
+                return CONV_MODULES[kind] + 2  # batched (documented assumption)
             if kind is nn.Linear:
                 return self.of(node.args[0])
             if kind is nn.Flatten:
                 return self._flatten(node, module.start_dim, module.end_dim)
         elif node.op == "call_function":
             target = node.target
-            if target in _CONV_FUNCTIONS:
-                return _CONV_FUNCTIONS[target] + 2
+            if target in CONV_FUNCTIONS:
+                return CONV_FUNCTIONS[target] + 2
             if target is F.linear:
                 return self.of(_arg(node, 0, "input"))
             if target is torch.flatten:
