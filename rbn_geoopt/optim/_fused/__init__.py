@@ -104,26 +104,29 @@ def c_ok(choice: str, *tensors: torch.Tensor | None) -> bool:
 
 def _c_layout(dtype: torch.dtype, tensors) -> bool:
     """Whether every tensor of ``tensors`` (None entries skipped) is a CPU, C-contiguous
-    tensor of ``dtype``, a dtype of the C kernel: the test behind :func:`c_ok`, without
-    its ``choice``, for the loops that ask it of every tensor of a step."""
-    if dtype not in _C_DTYPES:
-        return False
-    for t in tensors:
-        if t is not None and not (t.dtype == dtype and t.is_cpu and t.is_contiguous()):
-            return False
-    return True
+    tensor of ``dtype``, a dtype of the C kernel: the test behind :func:`c_ok`."""
+    return _c_route(dtype, tensors) == _DIRECT
 
 
-def _c_dtype_on_cpu(dtype: torch.dtype, tensors) -> bool:
-    """Whether every tensor of ``tensors`` (None entries skipped) is a CPU tensor of
-    ``dtype``, a dtype of the C kernel, in any layout: a strided one (e.g. a channels_last
-    conv weight, a slice) is stepped by the C kernel through a contiguous copy."""
+_DIRECT, _COPIES = 2, 1
+
+
+def _c_route(dtype: torch.dtype, tensors) -> int:
+    """How the C kernel takes ``tensors`` (None entries skipped), in one pass: ``_DIRECT``
+    when all are CPU, C-contiguous tensors of ``dtype`` (a dtype of the C kernel),
+    ``_COPIES`` when all are CPU tensors of ``dtype`` but some is strided (a channels_last
+    conv weight, a slice: stepped through :func:`_contiguous` copies), 0 when
+    the C kernel cannot take them."""
     if dtype not in _C_DTYPES:
-        return False
+        return 0
+    route = _DIRECT
     for t in tensors:
-        if t is not None and not (t.dtype == dtype and t.is_cpu):
-            return False
-    return True
+        if t is not None:
+            if not (t.dtype == dtype and t.is_cpu):
+                return 0
+            if not t.is_contiguous():
+                route = _COPIES
+    return route
 
 
 def _contiguous(tensors, copies: list) -> list:
@@ -206,14 +209,9 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
         count = y.numel() // n
         if count == 0:
             continue
-        if c_wanted and _c_layout(y.dtype, (y, g, tau)):
-            job = (y.data_ptr(), g.data_ptr(), 0 if tau is None else tau.data_ptr(), count, n)
-            jobs.setdefault(y.dtype, []).append(job)
-            written += (y, tau)
-            numel, rows = numel + count * n, rows + count
-            continue
-        if c_wanted and _c_dtype_on_cpu(y.dtype, (y, g, tau)):
-            yc, gc, tc = _contiguous((y, g, tau), copies)
+        route = _c_route(y.dtype, (y, g, tau)) if c_wanted else 0
+        if route:
+            yc, gc, tc = (y, g, tau) if route == _DIRECT else _contiguous((y, g, tau), copies)
             job = (yc.data_ptr(), gc.data_ptr(), 0 if tc is None else tc.data_ptr(), count, n)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, tau)
@@ -231,7 +229,8 @@ def sgdg_(ys, gs, taus, ns, *, lr: float, momentum: float, nu: float, choice: st
     if jobs:
         bad += _run_c("sgdg_many", jobs, numel, rows, lr, momentum, nu)
         _written(written)
-        _copy_back(copies, {id(t) for t in written})
+        if copies:
+            _copy_back(copies, {id(t) for t in written})
     if tri[0]:
         bad += _triton().sgdg_(*tri, lr=lr, momentum=momentum, nu=nu)
     _unstepped(bad)
@@ -255,14 +254,9 @@ def adamg_(
         count = y.numel() // n
         if count == 0:
             continue
-        if c_wanted and _c_layout(y.dtype, (y, g, m, v)):
-            job = (y.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), count, n, step_size)
-            jobs.setdefault(y.dtype, []).append(job)
-            written += (y, m, v)
-            numel, rows = numel + count * n, rows + count
-            continue
-        if c_wanted and _c_dtype_on_cpu(y.dtype, (y, g, m, v)):
-            yc, gc, mc, vc = _contiguous((y, g, m, v), copies)
+        route = _c_route(y.dtype, (y, g, m, v)) if c_wanted else 0
+        if route:
+            yc, gc, mc, vc = (y, g, m, v) if route == _DIRECT else _contiguous((y, g, m, v), copies)
             job = (yc.data_ptr(), gc.data_ptr(), mc.data_ptr(), vc.data_ptr(), count, n, step_size)
             jobs.setdefault(y.dtype, []).append(job)
             written += (y, m, v)
@@ -280,7 +274,8 @@ def adamg_(
     if jobs:
         bad += _run_c("adamg_many", jobs, numel, rows, beta1, beta2, eps, nu)
         _written(written)
-        _copy_back(copies, {id(t) for t in written})
+        if copies:
+            _copy_back(copies, {id(t) for t in written})
     if tri[0]:
         bad += _triton().adamg_(*tri, beta1=beta1, beta2=beta2, eps=eps, nu=nu)
     _unstepped(bad)
@@ -317,14 +312,9 @@ def check_rows(ys, gs, ns, choice: str) -> list[tuple[int, int]]:
         if count == 0:
             continue
         dtype = y.dtype
-        if c_wanted and _c_layout(dtype, (y, g)):
-            indices, jobs = c_jobs.setdefault(dtype, ([], []))
-            indices.append(i)
-            jobs.append((y.data_ptr(), g.data_ptr(), count, n, *limits(dtype)))
-            numel, rows = numel + count * n, rows + count
-            continue
-        if c_wanted and _c_dtype_on_cpu(dtype, (y, g)):
-            yc, gc = _contiguous((y, g), copies)
+        route = _c_route(dtype, (y, g)) if c_wanted else 0
+        if route:
+            yc, gc = (y, g) if route == _DIRECT else _contiguous((y, g), copies)
             indices, jobs = c_jobs.setdefault(dtype, ([], []))
             indices.append(i)
             jobs.append((yc.data_ptr(), gc.data_ptr(), count, n, *limits(dtype)))
