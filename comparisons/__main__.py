@@ -13,6 +13,10 @@ Examples::
     python -m comparisons --study B --seeds 0,1,2
     python -m comparisons --study lr            # LR sensitivity, CI size (< 30 s)
     python -m comparisons --study lr --full --methods sgd,sgdg --threads 1
+    python -m comparisons --study gn --full     # beyond BatchNorm: GroupNorm, QK-norm
+
+Study ``gn`` runs only its own methods (``comparisons.study_gn.METHOD_KEYS``: sgd, sgdp,
+adamw, adamp, sgdg, adamg); ``--methods`` naming another one is refused for it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STUDIES = ("A", "sweep", "lr", "B", "C")
+STUDIES = ("A", "sweep", "lr", "gn", "B", "C")
 DEFAULT_SEEDS = {"smoke": [0], "quick": [0], "full": [0, 1]}
 
 
@@ -64,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--study",
         default="A,B,C",
-        help="comma-separated studies among A, B, C, sweep, lr (default: A,B,C); lr is the "
+        help="comma-separated studies among A, B, C, sweep, lr, gn (default: A,B,C); lr is the "
         "learning-rate sensitivity study: a CI-sized run with --smoke/--quick, the real one "
-        "with --full (5-8 min a method with 2 seeds, 1 thread, on a shared 2-core machine)",
+        "with --full (5-8 min a method with 2 seeds, 1 thread, on a shared 2-core machine); "
+        "gn is the study beyond BatchNorm (a GroupNorm CNN and a QK-norm transformer; "
+        "methods sgd, sgdp, adamw, adamp, sgdg, adamg; --full about 15 min)",
     )
     p.add_argument(
         "--sweep",
@@ -160,9 +166,19 @@ def run(args: argparse.Namespace) -> list[Path]:
         methods = parse_methods(args.methods)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    needs_data = bool({"A", "sweep", "lr"} & set(studies))
+    gn_methods = None
+    if "gn" in studies:
+        from .study_gn import check_methods, default_methods
+
+        gn_methods = default_methods() if args.methods is None else methods
+        try:
+            check_methods(gn_methods)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    needs_data = bool({"A", "sweep", "lr", "gn"} & set(studies))
     if needs_data:
-        missing = missing_packages(methods)
+        uses_a = bool({"A", "sweep", "lr"} & set(studies))  # study A's methods
+        missing = missing_packages((methods if uses_a else []) + (gn_methods or []))
         if missing:
             needs = "; ".join(f"{', '.join(keys)} need(s) {pkg}" for pkg, keys in missing.items())
             raise UsageError(
@@ -174,7 +190,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     import geoopt
     import torch
 
-    from . import report, study_a, study_b, study_c, study_lr
+    from . import report, study_a, study_b, study_c, study_gn, study_lr
     from .data import DataError, load_fashion_mnist
 
     device = check_device(args.device)
@@ -229,6 +245,16 @@ def run(args: argparse.Namespace) -> list[Path]:
             budget = study_lr.BUDGETS[args.mode]
             results["lr"] = study_lr.run_lr_study(
                 budget, data, methods, seeds, device, progress, on_method=checkpoint
+            )
+        elif study == "gn":
+
+            def checkpoint_gn(partial: dict) -> None:  # finished methods survive an interrupt
+                results["meta"]["seconds"] = time.perf_counter() - start
+                report.write_all({**results, "gn": partial}, out, plots=())
+
+            budget = study_gn.BUDGETS[args.mode]
+            results["gn"] = study_gn.run_gn_study(
+                budget, data, gn_methods, seeds, device, progress, on_method=checkpoint_gn
             )
         elif study == "B":
             results["B"] = study_b.run_study_b(study_b.BUDGETS[args.mode], seeds, progress)

@@ -4,7 +4,8 @@ The README's results come from more than one run (``--full`` for studies A-C, th
 ``--full --study sweep --sweep``, a third seed of study A, a rerun of study C after a speed
 change, the lr study as two processes with different ``--methods``); this puts them into
 one ``summary.md`` / ``results.json`` / plots, and the summary lists every run's command and
-wall time. A later run replaces a study, except study A runs of the same models and budget
+wall time. A later run replaces a study, except study A runs (and runs of the study beyond
+BatchNorm, ``gn``, which has study A's structure) of the same models and budget
 with other seeds: their seeds are added (runs concatenated, medians and the baseline's
 error recomputed), and lr-study runs of the same budget and seeds: their methods are added.
 
@@ -26,7 +27,7 @@ from .study_a import summarize_method
 
 __all__ = ["merge_lr", "merge_results", "merge_study_a"]
 
-STUDY_ORDER = ("A", "sweep", "lr", "B", "C")
+STUDY_ORDER = ("A", "sweep", "lr", "gn", "B", "C")
 
 
 def merge_results(runs: list[dict]) -> dict:
@@ -43,8 +44,8 @@ def merge_results(runs: list[dict]) -> dict:
     merged: dict = {}
     for run in runs:
         for study, value in run.items():
-            if study == "A" and "A" in merged:
-                merged["A"] = merge_study_a(merged["A"], value)
+            if study in ("A", "gn") and study in merged:  # the same structure
+                merged[study] = merge_study_a(merged[study], value)
             elif study == "lr" and "lr" in merged:
                 merged["lr"] = merge_lr(merged["lr"], value)
             elif study != "meta":

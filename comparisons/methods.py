@@ -35,7 +35,13 @@ decay ``p *= 1 - lr wd / (1 - momentum)`` matches torch SGD's coupled decay at s
 so ``sgdp`` differs from ``sgd`` only by the projection.
 
 Every manifold method starts from the same unit rows (:func:`normalise_rows_`: geoopt's
-spheres need them, and ``to_grassmann`` itself keeps rows as they are). The four geoopt
+spheres need them, and ``to_grassmann`` itself keeps rows as they are; SGD-G/Adam-G make
+each point unit, :func:`normalise_points_`, which is each row when the points are rows --
+for a weight invariant only in blocks of rows, a block). The geoopt sphere methods put
+each ROW on a sphere: they assume points are rows and are left out of the study beyond
+BatchNorm (``comparisons/study_gn.py``), as is Adam (AdamW is its Adam-type baseline).
+:func:`on_manifold` says how many weights and points a prepared method has on a manifold.
+The four geoopt
 methods use the same learning rates, the same per-row gradient clipping and the same
 orthogonality term as SGD-G/Adam-G (applied by :class:`SphereHook` before the step), and
 the same Nesterov SGD for the other parameters, so that the only difference is the
@@ -73,9 +79,13 @@ __all__ = [
     "hyperparameters",
     "implementation",
     "missing_packages",
+    "manifold_points",
+    "normalise_points_",
     "normalise_rows_",
+    "on_manifold",
     "parse_methods",
     "prepare",
+    "stored_parameter",
 ]
 
 #: the paper's fixed hyper-parameters (Cho & Lee 2017, section 5)
@@ -419,12 +429,76 @@ def to_sphere(model: nn.Module, names: list[str], manifold: geoopt.Manifold) -> 
     return params
 
 
-def grassmann_names(model: nn.Module) -> list[str]:
+def grassmann_names(model: nn.Module, example_inputs: Any = None) -> list[str]:
     """The names of the scale-invariant weights, as ``rbn_geoopt.nn.to_grassmann`` picks
-    them (found on a copy: ``model`` is not changed)."""
+    them (found on a copy: ``model`` is not changed; ``example_inputs`` as there)."""
     from rbn_geoopt.nn import to_grassmann
 
-    return list(to_grassmann(copy.deepcopy(model)))
+    return list(to_grassmann(copy.deepcopy(model), example_inputs=example_inputs))
+
+
+def manifold_points(param: torch.Tensor) -> int:
+    """How many points the manifold of ``param`` sees in it: the number of distances its
+    ``dist(x, x)`` returns (one per point, geoopt's convention), 0 for a plain tensor.
+
+    A point is a block of consecutive rows of the contiguous weight, ``W.reshape(points,
+    -1)[k]``: one row per point for ``Grassmann1(ndim=W.dim() - 1)`` and geoopt's spheres on
+    the rows, several rows per point for a weight that is scale invariant only in blocks.
+
+    >>> from rbn_geoopt import Grassmann1
+    >>> w = geoopt.ManifoldParameter(torch.randn(6, 4, 3), manifold=Grassmann1(ndim=2))
+    >>> manifold_points(w), manifold_points(torch.randn(6, 12))
+    (6, 0)
+    """
+    manifold = getattr(param, "manifold", None)
+    if manifold is None or isinstance(manifold, geoopt.Euclidean):
+        return 0
+    with torch.no_grad():
+        return int(manifold.dist(param, param).numel())
+
+
+def stored_parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter the optimizer steps for weight ``name`` (a sphere method's rows: the
+    ``original`` of its parametrization)."""
+    module_name, attr = _split_name(name)
+    module = model.get_submodule(module_name)
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    return getattr(module, attr)
+
+
+@torch.no_grad()
+def normalise_points_(model: nn.Module, names: list[str]) -> None:
+    """Divide every point of each named manifold parameter by its norm, in place.
+
+    The point structure is the parameter's own (:func:`manifold_points`): each block
+    ``W.reshape(points, -1)[k]`` becomes a unit vector, the rows of a block keeping their
+    ratios. For weights whose points are rows this is :func:`normalise_rows_`; for a weight
+    that is scale invariant only in blocks (GroupNorm, QK-norm), normalising each row
+    instead would change the model's function.
+    """
+    for name in names:
+        param = stored_parameter(model, name)
+        points = manifold_points(param)
+        if points == 0:
+            raise ValueError(f"normalise_points_: {name!r} is not on a manifold")
+        flat = param.reshape(points, -1)
+        flat.div_(torch.linalg.vector_norm(flat, dim=1, keepdim=True))
+        if flat.data_ptr() != param.data_ptr():  # a non-contiguous weight: write back
+            param.copy_(flat.reshape(param.shape))
+
+
+def on_manifold(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """``{"weights": how many, "points": how many in all, "per_weight": {name: points}}``
+    of the named parameters that are on a manifold (a method's G-weights after
+    :func:`prepare`; the Euclidean methods have none)."""
+    per_weight = {n: manifold_points(stored_parameter(model, n)) for n in names}
+    per_weight = {n: k for n, k in per_weight.items() if k}
+    return {
+        "weights": len(per_weight),
+        "points": sum(per_weight.values()),
+        "per_weight": per_weight,
+    }
 
 
 @dataclass
@@ -480,12 +554,19 @@ def _recipe_overrides(rule: str, lrs: dict[str, float]) -> dict:
     return overrides
 
 
-def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = None) -> Prepared:
+def prepare(
+    method: Method,
+    model: nn.Module,
+    lrs: dict[str, float] | None = None,
+    example_inputs: Any = None,
+) -> Prepared:
     """Build ``method``'s optimizer for ``model`` (changed in place for the manifold
-    methods: their G-weights get the same unit rows, :func:`normalise_rows_` /
-    :func:`to_sphere`); ``lrs`` overrides the published learning rates (the sweep)."""
+    methods: their G-weights get the same unit points, :func:`normalise_points_` /
+    :func:`to_sphere`); ``lrs`` overrides the published learning rates (the sweep);
+    ``example_inputs`` go to the scale-invariance analysis (models whose layout it cannot
+    check without real shapes)."""
     lrs = {**method.lrs, **(lrs or {})}
-    g_names = grassmann_names(model)
+    g_names = grassmann_names(model, example_inputs)
     if method.geometry == "euclidean":
         opt = _build_euclidean(method, list(model.parameters()), lrs["lr"])
         return Prepared(model, opt, None, g_names)
@@ -493,8 +574,10 @@ def prepare(method: Method, model: nn.Module, lrs: dict[str, float] | None = Non
     if method.geometry == "grassmann":
         from rbn_geoopt.nn import paper_optimizer, to_grassmann
 
-        normalise_rows_(model, g_names)  # the sphere methods' unit rows (to_sphere)
-        g_names = list(to_grassmann(model))
+        # to_grassmann keeps the values; then every point is made unit, as the sphere
+        # methods' rows are (to_sphere): a row when the points are rows (normalise_rows_)
+        g_names = list(to_grassmann(model, example_inputs=example_inputs))
+        normalise_points_(model, g_names)
         name = "sgdg" if method.rule == "sgd" else "adamg"
         opt = paper_optimizer(model, name, **_recipe_overrides(method.rule, lrs))
         return Prepared(model, opt, None, g_names)

@@ -1,5 +1,6 @@
-"""The networks of the studies: a VGG-style BN-CNN, a small pre-activation ResNet, and the
-conv-weight shapes of a ResNet-18 (built here, no torchvision).
+"""The networks of the studies: a VGG-style BN-CNN, a small pre-activation ResNet, the
+conv-weight shapes of a ResNet-18 (built here, no torchvision), and for the study beyond
+BatchNorm (``--study gn``) the VGG net with GroupNorm and a tiny QK-norm transformer.
 
 In the VGG net every conv feeds a BatchNorm directly, so each conv weight row is scale
 invariant (a point of G(1, n)). In the pre-activation ResNet only the first conv of each
@@ -17,9 +18,18 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VGGNet", "PreActResNet", "build_model", "resnet18_conv_shapes", "MODELS"]
+__all__ = [
+    "GNVGGNet",
+    "MODELS",
+    "PreActResNet",
+    "QKNormViT",
+    "VGGNet",
+    "build_model",
+    "resnet18_conv_shapes",
+]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -100,11 +110,161 @@ class PreActResNet(nn.Module):
         return self.classifier(out)
 
 
-MODELS = {"vgg": VGGNet, "preact_resnet": PreActResNet}
+def _conv_gn_relu(c_in: int, c_out: int, groups: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, c_out),
+        nn.ReLU(),
+    ]
+
+
+class GNVGGNet(nn.Module):
+    """:class:`VGGNet` with ``GroupNorm(groups, C)`` in place of every BatchNorm (convs
+    without bias, same widths, pooling and classifier).
+
+    GroupNorm normalises each sample over ``C / groups`` consecutive channels, so a conv
+    weight is scale invariant in ``groups`` blocks of ``C / groups`` consecutive rows, each
+    block jointly (``W.reshape(groups, -1)[k]`` times ``a_k > 0`` leaves the output
+    unchanged; rows inside a block scaled unequally change it). ``find_scale_invariant``
+    reports exactly that for the four convs (``points == groups``; ``invariant`` False:
+    not row by row) and nothing for the classifier (tests/test_study_gn.py checks it
+    against numerical ground truth). Every width must be a multiple of ``groups``.
+
+    >>> net = GNVGGNet((8, 8, 16, 16), groups=4)
+    >>> net(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...] = (16, 32, 64, 64), groups: int = 4, n_classes: int = 10
+    ) -> None:
+        super().__init__()
+        if len(widths) != 4 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"GNVGGNet needs 4 positive widths, got {widths}")
+        if int(groups) < 1 or any(int(w) % int(groups) for w in widths):
+            raise ValueError(f"GNVGGNet: every width of {widths} must be a multiple of {groups}")
+        w1, w2, w3, w4 = (int(w) for w in widths)
+        g = int(groups)
+        self.features = nn.Sequential(
+            *_conv_gn_relu(1, w1, g),
+            *_conv_gn_relu(w1, w2, g),
+            nn.MaxPool2d(2),
+            *_conv_gn_relu(w2, w3, g),
+            nn.MaxPool2d(2),
+            *_conv_gn_relu(w3, w4, g),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(w4, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _QKNormAttention(nn.Module):
+    """Multi-head self-attention with QK-norm: ``LayerNorm(head_dim)`` on each head of q and
+    k (no bias on q, k: a bias before a LayerNorm over several channels breaks the
+    invariance)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (N, L, D) -> (N, L, heads, d)
+        return t.unflatten(-1, (self.heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_norm(self._heads(self.q(x))).transpose(1, 2)
+        k = self.k_norm(self._heads(self.k(x))).transpose(1, 2)
+        v = self._heads(self.v(x)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out(out.transpose(1, 2).flatten(2))
+
+
+class _PreLNBlock(nn.Module):
+    """``x + attn(LN(x))``, then ``x + mlp(LN(x))`` (pre-LN, GELU MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = _QKNormAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class QKNormViT(nn.Module):
+    """A tiny vision transformer on ``patch x patch`` patches of a 28x28 image (7x7: 16
+    tokens of 49 pixels): linear patch embedding plus a learned position embedding,
+    ``layers`` pre-LN blocks of ``heads``-head self-attention with QK-norm and a GELU MLP,
+    a final LayerNorm, mean over tokens, linear classifier. ``dim=32, heads=2, layers=2``
+    has 19,594 parameters.
+
+    QK-norm makes the q and k projection weights scale invariant per head: each block of
+    ``head_dim`` consecutive rows (one head) jointly, ``points == heads``. With
+    ``example_inputs`` (the ``unflatten`` into heads needs the real shapes: without them the
+    weights are refused, never assumed) ``find_scale_invariant`` reports exactly that for
+    every ``q``/``k`` weight, and nothing else: ``v`` reaches the attention product, ``out``,
+    the MLP and the embedding reach residual sums, the classifier the output
+    (tests/test_study_gn.py checks it against numerical ground truth).
+    :attr:`needs_example_inputs` tells the studies to pass a batch.
+
+    >>> net = QKNormViT()
+    >>> net(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    #: the scale-invariance analysis needs real shapes for this model (``example_inputs``)
+    needs_example_inputs = True
+
+    def __init__(
+        self,
+        dim: int = 32,
+        heads: int = 2,
+        layers: int = 2,
+        patch: int = 7,
+        mlp: int = 64,
+        n_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if min(dim, heads, layers, patch, mlp) < 1 or dim % heads or 28 % patch:
+            raise ValueError(
+                f"QKNormViT needs positive sizes, dim a multiple of heads and patch a "
+                f"divisor of 28, got dim={dim}, heads={heads}, layers={layers}, patch={patch}"
+            )
+        self.patch, self.grid = patch, 28 // patch
+        self.embed = nn.Linear(patch * patch, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, self.grid**2, dim))
+        self.blocks = nn.Sequential(*(_PreLNBlock(dim, heads, mlp) for _ in range(layers)))
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, g = self.patch, self.grid
+        tokens = x.reshape(x.shape[0], g, p, g, p).transpose(2, 3).flatten(3).flatten(1, 2)
+        out = self.blocks(self.embed(tokens) + self.pos)
+        return self.classifier(self.norm(out).mean(dim=1))
+
+
+MODELS = {
+    "vgg": VGGNet,
+    "preact_resnet": PreActResNet,
+    "gn_vgg": GNVGGNet,
+    "qk_vit": QKNormViT,
+}
 
 
 def build_model(spec: dict, seed: int) -> nn.Module:
-    """``spec = {"name": "vgg" | "preact_resnet", **kwargs}``, initialized from ``seed``."""
+    """``spec = {"name": <a key of MODELS>, **kwargs}``, initialized from ``seed``."""
     spec = dict(spec)
     name = spec.pop("name")
     if name not in MODELS:

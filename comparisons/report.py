@@ -2,7 +2,7 @@
 
 ``write_all(results, out_dir)`` writes ``summary.md``, ``results.json`` and the plots and
 returns the list of files written. ``results`` is ``{"meta": {...}, "A": ..., "sweep": ...,
-"lr": ..., "B": ..., "C": ...}`` with any study left out.
+"lr": ..., "gn": ..., "B": ..., "C": ...}`` with any study left out.
 
 Example::
 
@@ -127,6 +127,81 @@ def study_a_markdown(result: dict) -> list[str]:
                     NONE if s["epochs_to_baseline"] is None else str(s["epochs_to_baseline"]),
                     _num(s["seconds_per_epoch"], 1),
                     f"{_num(s['angle_deg_first_epoch'], 3)} → {_num(s['angle_deg_last_epoch'], 3)}",
+                ]
+            )
+        lines += _table(header, rows) + [""]
+    models = list(result["models"].values())
+    if models:
+        lines += implementations_markdown(models[0]["methods"])
+    return lines
+
+
+def _on_manifold(entry: dict) -> str:
+    counts = entry.get("on_manifold")
+    if counts is None:
+        return NONE
+    return f"{counts['weights']} / {counts['points']}"
+
+
+def gn_markdown(result: dict) -> list[str]:
+    """The study beyond BatchNorm: per model, per method the weights / points it put on a
+    manifold and study A's columns; a warning when a manifold method put none there."""
+    from .methods import METHODS
+
+    lines = [
+        "## Beyond BatchNorm — GroupNorm CNN and QK-norm transformer on Fashion-MNIST",
+        "",
+        "Study A's recipe (same init, data order and LR schedule for every method, published "
+        "learning rates, no sweep). 'on the manifold': how many weights, and how many points "
+        "in all, the method put on a manifold (SGD-G/Adam-G: what `to_grassmann` converts; "
+        "a point is a block of consecutive rows, `W.reshape(points, -1)[k]`). SGDP/AdamP "
+        "guess per step which weights look scale invariant and put none on a manifold.",
+        "",
+    ]
+    for key, model in result["models"].items():
+        cfg = model["config"]
+        lines += [
+            f"### {key}: {_model_name(cfg['model'])}",
+            "",
+            f"{cfg['train']} training / {cfg['test']} test images, {cfg['epochs']} epochs, "
+            f"batch {cfg.get('batch_size', 128)}, LR x0.2 at epochs {model['drops']} "
+            f"(0-based), seeds {result['seeds']}.",
+            "",
+        ]
+        empty = [
+            label
+            for label, e in model["methods"].items()
+            if METHODS[e["key"]].geometry != "euclidean"
+            and (e.get("on_manifold") or {}).get("weights") == 0
+        ]
+        if empty:
+            lines += [
+                f"**{', '.join(empty)}: 0 weights on the manifold.** `to_grassmann` converted "
+                f"no weight of {key}, so these methods stepped every parameter as plain "
+                "Nesterov SGD (the recipe's lr for the other parameters): this table does not "
+                "compare SGD-G/Adam-G on the scale-invariant weights.",
+                "",
+            ]
+        header = [
+            "Method",
+            "learning rates",
+            "on the manifold (weights / points)",
+            "test error % median (min–max)",
+            "final train loss",
+            "s / epoch",
+        ]
+        rows = []
+        for label, entry in model["methods"].items():
+            s = entry["summary"]
+            rows.append(
+                [
+                    label,
+                    _lrs(entry["lrs"]),
+                    _on_manifold(entry),
+                    f"{s['test_error_median']:.2f} ({s['test_error_min']:.2f}–"
+                    f"{s['test_error_max']:.2f})",
+                    f"{s['train_loss_median']:.4f}",
+                    _num(s["seconds_per_epoch"], 1),
                 ]
             )
         lines += _table(header, rows) + [""]
@@ -384,6 +459,8 @@ def summary_markdown(results: dict) -> str:
         lines += sweep_markdown(results["sweep"])
     if "lr" in results:
         lines += lr_markdown(results["lr"])
+    if "gn" in results:
+        lines += gn_markdown(results["gn"])
     if "B" in results:
         lines += study_b_markdown(results["B"])
     if "C" in results:
@@ -398,7 +475,14 @@ def _mark_drops(ax, drops: list[int], offset: float = 0.5, label: bool = True) -
         ax.axvline(d + offset, color="grey", ls=":", lw=1, label=text)
 
 
-def plot_study_a(result: dict, out: Path) -> list[Path]:
+def plot_study_gn(result: dict, out: Path) -> list[Path]:
+    """The training curves of the study beyond BatchNorm (``study_gn_<model>_curves.png``)."""
+    return plot_study_a(result, out, prefix="study_gn", angles=False)
+
+
+def plot_study_a(
+    result: dict, out: Path, prefix: str = "study_a", angles: bool = True
+) -> list[Path]:
     files = []
     for key, model in result["models"].items():
         fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
@@ -420,13 +504,15 @@ def plot_study_a(result: dict, out: Path) -> list[Path]:
         ax_err.set_ylabel("test error % (median over seeds)")
         handles, labels = ax_loss.get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
-        fig.suptitle(f"Study A, {key}: same init, data order and LR schedule", fontsize=9)
+        study = "Study A" if prefix == "study_a" else "Beyond BatchNorm"
+        fig.suptitle(f"{study}, {key}: same init, data order and LR schedule", fontsize=9)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
-        path = out / f"study_a_{key}_curves.png"
+        path = out / f"{prefix}_{key}_curves.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         files.append(path)
-        files += _plot_angles(key, model, out)
+        if angles:
+            files += _plot_angles(key, model, out)
     return files
 
 
@@ -542,7 +628,13 @@ def write_all(results: dict, out: Path, plots: tuple[str, ...] = ("A", "B", "C")
     raw = out / "results.json"
     raw.write_text(json.dumps(results, indent=1, default=str) + "\n")
     files = [summary, raw]
-    plotters = {"A": plot_study_a, "lr": plot_lr, "B": plot_study_b, "C": plot_study_c}
+    plotters = {
+        "A": plot_study_a,
+        "lr": plot_lr,
+        "gn": plot_study_gn,
+        "B": plot_study_b,
+        "C": plot_study_c,
+    }
     for study in plots:
         if study in results and study in plotters:
             files += plotters[study](results[study], out)

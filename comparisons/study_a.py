@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -171,6 +172,26 @@ def _prepare_data(spec: dict, train: Split, test: Split) -> tuple[Split, Split]:
     return subsample(train, spec.get("train")), subsample(test, spec.get("test"), seed=1)
 
 
+def _model_entry(spec: dict, train: Split, test: Split, drops: list[int], methods_out: dict):
+    """The result of one model from the entries of its methods so far (summaries against
+    the baseline's median final error, or the first method's when the baseline is absent)."""
+    base = methods_out.get(BASELINE) or next(iter(methods_out.values()))
+    base_error = statistics.median(r["test_error"][-1] for r in base["runs"])
+    for entry in methods_out.values():
+        entry["summary"] = summarize_method(entry["runs"], base_error)
+    return {
+        "config": {
+            **{k: v for k, v in spec.items() if k != "key"},
+            "train": len(train),
+            "test": len(test),
+        },
+        "drops": drops,
+        "baseline_error": base_error,
+        "baseline_method": next(k for k, v in methods_out.items() if v is base),
+        "methods": methods_out,
+    }
+
+
 def run_study_a(
     budget: dict,
     data: tuple[Split, Split],
@@ -178,11 +199,19 @@ def run_study_a(
     seeds: list[int],
     device: str = "cpu",
     progress: bool = True,
+    desc: str = "study A",
+    on_method: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Recipe-as-published comparison for every model of ``budget``."""
+    """Recipe-as-published comparison for every model of ``budget``.
+
+    Per method it also records ``on_manifold``: how many weights and points the method put
+    on a manifold (the same for every seed; 0 for the Euclidean methods).
+    ``on_method(result so far)`` is called after each method of each model (the CLI writes
+    the summary then, so an interrupted run leaves its finished methods readable).
+    """
     out: dict = {"baseline": BASELINE, "seeds": list(seeds), "models": {}}
     total = len(budget["models"]) * len(methods) * len(seeds)
-    bar = tqdm(total=total, desc="study A", disable=not progress)
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     for spec in budget["models"]:
         train, test = _prepare_data(spec, *data)
         drops = lr_drops(spec["epochs"])
@@ -210,23 +239,13 @@ def run_study_a(
                 "lrs": method.lrs,
                 "hyper": hyperparameters(method),
                 "implementation": implementation(method),
+                "on_manifold": runs[0]["on_manifold"],
                 "runs": runs,
             }
-        base = methods_out.get(BASELINE) or next(iter(methods_out.values()))
-        base_error = statistics.median(r["test_error"][-1] for r in base["runs"])
-        for entry in methods_out.values():
-            entry["summary"] = summarize_method(entry["runs"], base_error)
-        out["models"][spec["key"]] = {
-            "config": {
-                **{k: v for k, v in spec.items() if k != "key"},
-                "train": len(train),
-                "test": len(test),
-            },
-            "drops": drops,
-            "baseline_error": base_error,
-            "baseline_method": next(k for k, v in methods_out.items() if v is base),
-            "methods": methods_out,
-        }
+            if on_method is not None:
+                partial = _model_entry(spec, train, test, drops, dict(methods_out))
+                on_method({**out, "models": {**out["models"], spec["key"]: partial}})
+        out["models"][spec["key"]] = _model_entry(spec, train, test, drops, methods_out)
     bar.close()
     return out
 

@@ -23,14 +23,13 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from rbn_geoopt import AngleMonitor
 from rbn_geoopt.diagnostics import point_angles
 
 from .data import Split
-from .methods import Method, Prepared, current_weight, prepare
+from .methods import Method, Prepared, current_weight, on_manifold, prepare, stored_parameter
 from .models import build_model
 
 __all__ = ["angle_monitor", "lr_drops", "row_angles", "evaluate", "train_run"]
@@ -59,19 +58,10 @@ def row_angles(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return point_angles(before.reshape(rows, -1), after.reshape(rows, -1))
 
 
-def _stored_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The parameter the optimizer steps for weight ``name`` (a sphere method's rows)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if parametrize.is_parametrized(module, attr):
-        return module.parametrizations[attr].original
-    return getattr(module, attr)
-
-
 def angle_monitor(prepared: Prepared) -> AngleMonitor:
     """The library's ``AngleMonitor`` on the G-weights of a prepared method, by layer name
     (``features.3.weight``), whichever tensor its optimizer steps for them."""
-    named = [(n, _stored_weight(prepared.model, n)) for n in prepared.g_names]
+    named = [(n, stored_parameter(prepared.model, n)) for n in prepared.g_names]
     return AngleMonitor(prepared.optimizer, named)
 
 
@@ -117,18 +107,24 @@ def train_run(
     ``seed`` fixes the initial weights and the batch order, identically for every method.
     ``max_batches`` caps the batches per epoch (the smoke mode). ``evals`` are evaluated
     after every epoch (``log["<name>_error"]`` lists), ``final_evals`` only after the last
-    (``log["final_<name>_error"]``). Raises ``FloatingPointError``
-    when the training loss becomes non-finite.
+    (``log["final_<name>_error"]``). ``log["on_manifold"]`` says how many weights and points
+    the method put on a manifold (:func:`comparisons.methods.on_manifold`). A model with
+    ``needs_example_inputs`` is analysed with two training images as ``example_inputs``.
+    Raises ``FloatingPointError`` when the training loss becomes non-finite.
     """
     device = torch.device(device)
     model = build_model(model_spec, seed).to(device)
-    prepared = prepare(method, model, lrs)
+    example = None
+    if getattr(model, "needs_example_inputs", False):  # its analysis needs real shapes
+        example = train.images[:2].to(device)
+    prepared = prepare(method, model, lrs, example)
     model, opt = prepared.model, prepared.optimizer
     order = torch.Generator().manual_seed(seed)
     n_batches = math.ceil(len(train) / batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     log: dict = {"train_loss": [], "epoch_seconds": [], "lr_factor": []}
+    log["on_manifold"] = on_manifold(model, prepared.g_names)  # 0 for a plain weight
     log.update({f"{name}_error": [] for name in evals})
     log.update({f"{name}_loss": [] for name in evals})
     log["row_norm"] = {name: [] for name in prepared.g_names}
