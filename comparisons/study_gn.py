@@ -46,11 +46,13 @@ METHOD_KEYS = ("sgd", "sgdp", "adamw", "adamp", "sgdg", "adamg")
 _GN_VGG = {"name": "gn_vgg", "widths": (16, 32, 64, 64), "groups": 4}
 _QK_VIT = {"name": "qk_vit", "dim": 32, "heads": 2, "layers": 2, "patch": 7, "mlp": 64}
 
-#: Sizes per mode. ``--full``: the six methods x seeds 0, 1 on both models; measured once
+#: Sizes per mode. ``--full``: the six methods x seeds 0, 1 on both models. Measured once
 #: (``python -m comparisons --full --study gn``, 2 threads, on the project's 2-core machine
-#: shared with other work, on a main where no block-invariant weight is converted yet):
-#: see README, "Beyond BatchNorm: GroupNorm". A training image costs the GroupNorm net
-#: about 2-3 ms (2x the BatchNorm net) and the transformer about 0.8 ms on that machine.
+#: shared with other work, load average 5-7, on a main where no block-invariant weight is
+#: converted yet, so SGD-G/Adam-G were plain SGD): 797 s wall, 640 s CPU; the GroupNorm
+#: net 542 s of training (21-91 s a run, 2-9 ms a training image), the transformer 150 s
+#: (6-23 s a run). A third seed (``--seeds 0,1,2``) adds half of that. ``--quick`` is a
+#: tenth of the images, one seed; ``--smoke`` a few batches of tiny models (CI).
 BUDGETS = {
     "smoke": {
         "models": [
