@@ -201,19 +201,26 @@ def to_grassmann(
     """Put every scale-invariant conv/linear weight of ``model`` on G(1, n), in place.
 
     A weight is chosen when :func:`find_scale_invariant` finds every output row reaching a
-    BatchNorm channel only through operations that commute with positive scaling, it is not
-    tied, and -- as in the paper -- its fan-out is smaller than its fan-in (``p < n``;
-    ``all_shapes=True`` drops that last condition). ``exclude`` removes names from that
-    choice; ``include`` adds names whatever the analysis says (tied weights, transposed
-    convolutions, the paper's by-name choices; a warning says when such a weight is not
-    scale invariant: the optimizers keep each row's norm, so training can no longer change
-    what that norm did). ``detect=False`` converts only ``include`` and, when the model
-    cannot be traced, skips the analysis (a warning says that scale invariance was not
-    checked). ``example_inputs`` and ``leaf_modules``: as in :func:`find_scale_invariant`.
+    BatchNorm channel (or another per-row normaliser) only through operations that commute
+    with positive scaling, it is not tied, and -- as in the paper -- its fan-out is smaller
+    than its fan-in (``p < n``; ``all_shapes=True`` drops that last condition). ``exclude``
+    removes names from that choice; ``include`` adds names whatever the analysis says (tied
+    weights, transposed convolutions, the paper's by-name choices; a warning says when such
+    a weight is not scale invariant: the optimizers keep each row's norm, so training can no
+    longer change what that norm did). ``detect=False`` converts only ``include`` and, when
+    the model cannot be traced, skips the analysis (a warning says that scale invariance was
+    not checked). ``example_inputs`` and ``leaf_modules``: as in
+    :func:`find_scale_invariant`.
+
+    A weight whose rows are scale invariant only jointly in ``points`` blocks of consecutive
+    rows (``Finding.points``: behind ``GroupNorm(G, C)``, a LayerNorm over the channels, a
+    QK-norm per head) is chosen the same way (``wide``: fewer points than entries per
+    point) and goes on ``Grassmann1Blocks(points)``, each block one point.
 
     Each chosen weight becomes a ``geoopt.ManifoldParameter`` on
-    ``Grassmann1(ndim=w.dim() - 1)`` holding the SAME values (every row as it is; same
-    device, dtype, strides, requires_grad), replacing the parameter under all its names.
+    ``Grassmann1(ndim=w.dim() - 1)`` (or ``Grassmann1Blocks(points)``) holding the SAME
+    values (every row as it is; same device, dtype, strides, requires_grad), replacing the
+    parameter under all its names.
     Biases and BatchNorm running statistics are not touched, so the outputs equal the old
     ones bit for bit, in train and eval mode, whatever BatchNorm's ``eps``; SGD-G and Adam-G
     then step each row keeping its norm. Build the optimizer AFTER converting.
