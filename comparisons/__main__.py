@@ -14,6 +14,8 @@ Examples::
     python -m comparisons --study lr            # LR sensitivity, CI size (< 30 s)
     python -m comparisons --study lr --full --methods sgd,sgdg --threads 1
     python -m comparisons --study gn --full     # beyond BatchNorm: GroupNorm, QK-norm
+    python -m comparisons --long                # the long budget (about 70 min, 2 jobs)
+    python -m comparisons --long --methods sgd,sgdg --seeds 0 --jobs 1
 
 Study ``gn`` runs only its own methods (``comparisons.study_gn.METHOD_KEYS``: sgd, sgdp,
 adamw, adamp, sgdg, adamg); ``--methods`` naming another one is refused for it.
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STUDIES = ("A", "sweep", "lr", "gn", "B", "C")
+STUDIES = ("A", "sweep", "lr", "gn", "B", "C", "long")
 DEFAULT_SEEDS = {"smoke": [0], "quick": [0], "full": [0, 1]}
 
 
@@ -63,17 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
         const="smoke",
         help="a few batches per study (CI), < 1 min",
     )
-    p.set_defaults(mode="quick")
+    p.set_defaults(mode=None)  # quick, unless --long
     p.add_argument("--out", default="results", help="output directory (default: results/)")
     p.add_argument(
         "--study",
-        default="A,B,C",
-        help="comma-separated studies among A, B, C, sweep, lr, gn (default: A,B,C); lr is the "
-        "learning-rate sensitivity study: a CI-sized run with --smoke/--quick, the real one "
-        "with --full (5-8 min a method with 2 seeds, 1 thread, on a shared 2-core machine); "
-        "gn is the study beyond BatchNorm (a GroupNorm CNN and a QK-norm transformer; "
-        "methods sgd, sgdp, adamw, adamp, sgdg, adamg; --full 13 min with 2 seeds, measured "
-        "on the shared 2-core machine)",
+        default=None,
+        help="comma-separated studies among A, B, C, sweep, lr, gn, long (default: A,B,C); lr "
+        "is the learning-rate sensitivity study: a CI-sized run with --smoke/--quick, the real "
+        "one with --full (5-8 min a method with 2 seeds, 1 thread, on a shared 2-core "
+        "machine); gn is the study beyond BatchNorm (a GroupNorm CNN and a QK-norm "
+        "transformer; methods sgd, sgdp, adamw, adamp, sgdg, adamg; --full 13 min with 2 "
+        "seeds, measured on the shared 2-core machine); long is the long budget (see "
+        "--long), CI-sized with --smoke/--quick",
+    )
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="the long budget: --study long --full (60k images, 15 epochs, 3 seeds, 6 methods "
+        "at the learning rates the lr study chose; about 70 min as 2 jobs on 2 idle cores)",
     )
     p.add_argument(
         "--sweep",
@@ -92,11 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, ...")
     p.add_argument("--data", default=None, help="directory with the Fashion-MNIST idx files")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes of the long study, 1 thread each unless --threads "
+        "(default: 2 with --full, else 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
 
-def parse_studies(text: str, sweep: bool) -> list[str]:
+def parse_studies(text: str | None, sweep: bool, long: bool = False) -> list[str]:
+    if text is None:
+        text = "long" if long else "A,B,C"
+    elif long:
+        text += ",long"
     by_name = {s.lower(): s for s in STUDIES}
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n.lower() not in by_name]
@@ -157,14 +177,21 @@ def _package_version(name: str) -> str | None:
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Validate everything, then run the studies; returns the files written."""
-    studies = parse_studies(args.study, args.sweep)
+    if args.long and args.mode not in (None, "full"):
+        raise UsageError(f"--long runs the full budget; it cannot be combined with --{args.mode}")
+    args.mode = "full" if args.long else args.mode or "quick"
+    studies = parse_studies(args.study, args.sweep, args.long)
     seeds = parse_seeds(args.seeds, args.mode)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     from .methods import missing_packages, parse_methods
+    from .study_long import DEFAULT_METHODS
 
     try:
         methods = parse_methods(args.methods)
+        long_methods = parse_methods(args.methods or DEFAULT_METHODS)
     except ValueError as err:
         raise UsageError(str(err)) from None
     gn_methods = None
@@ -176,10 +203,11 @@ def run(args: argparse.Namespace) -> list[Path]:
             check_methods(gn_methods)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    needs_data = bool({"A", "sweep", "lr", "gn"} & set(studies))
+    needs_data = bool({"A", "sweep", "lr", "gn", "long"} & set(studies))
     if needs_data:
         uses_a = bool({"A", "sweep", "lr"} & set(studies))  # study A's methods
-        missing = missing_packages((methods if uses_a else []) + (gn_methods or []))
+        wanted = (methods if uses_a else []) + (long_methods if "long" in studies else [])
+        missing = missing_packages(wanted + (gn_methods or []))
         if missing:
             needs = "; ".join(f"{', '.join(keys)} need(s) {pkg}" for pkg, keys in missing.items())
             raise UsageError(
@@ -191,7 +219,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     import geoopt
     import torch
 
-    from . import report, study_a, study_b, study_c, study_gn, study_lr
+    from . import report, study_a, study_b, study_c, study_gn, study_long, study_lr
     from .data import DataError, load_fashion_mnist
 
     device = check_device(args.device)
@@ -206,6 +234,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     if "lr" in studies:
         try:  # a budget that cannot fit is refused before anything runs
             study_lr.check_budget(study_lr.BUDGETS[args.mode], len(data[0]))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if "long" in studies:
+        try:
+            study_long.check_budget(study_long.BUDGETS[args.mode], len(data[0]))
         except ValueError as err:
             raise UsageError(str(err)) from None
 
@@ -257,6 +290,25 @@ def run(args: argparse.Namespace) -> list[Path]:
             results["gn"] = study_gn.run_gn_study(
                 budget, data, gn_methods, seeds, device, progress, on_method=checkpoint_gn
             )
+        elif study == "long":
+
+            def on_run(partial: dict) -> None:  # finished runs survive an interrupt
+                results["meta"]["seconds"] = time.perf_counter() - start
+                report.write_all({**results, "long": partial}, out, plots=())
+
+            budget = study_long.BUDGETS[args.mode]
+            results["long"] = study_long.run_long_study(
+                budget,
+                data,
+                long_methods,
+                seeds if args.seeds is not None else budget["seeds"],
+                device,
+                progress,
+                jobs=args.jobs,
+                threads=args.threads or 1,
+                on_run=on_run,
+            )
+            print("\n".join(report.long_time_lines(results["long"])), flush=True)
         elif study == "B":
             results["B"] = study_b.run_study_b(study_b.BUDGETS[args.mode], seeds, progress)
         else:

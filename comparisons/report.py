@@ -2,7 +2,7 @@
 
 ``write_all(results, out_dir)`` writes ``summary.md``, ``results.json`` and the plots and
 returns the list of files written. ``results`` is ``{"meta": {...}, "A": ..., "sweep": ...,
-"lr": ..., "gn": ..., "B": ..., "C": ...}`` with any study left out.
+"lr": ..., "gn": ..., "B": ..., "C": ..., "long": ...}`` with any study left out.
 
 Example::
 
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-__all__ = ["write_all", "summary_markdown"]
+__all__ = ["long_markdown", "long_time_lines", "plot_long", "summary_markdown", "write_all"]
 
 NONE = "—"
 #: the lr study's second, noise-tolerant basin (points of validation error above the best)
@@ -338,6 +338,119 @@ def plot_lr(result: dict, out: Path) -> list[Path]:
     return [path]
 
 
+def long_time_lines(result: dict) -> list[str]:
+    """The long study's cost: wall time and CPU time of all runs, as measured."""
+    runs = sum(len(m["runs"]) for m in result["methods"].values())
+    wall, cpu = result.get("seconds", 0.0), result.get("cpu_seconds", 0.0)
+    return [
+        f"long study: {runs} runs in {wall / 60:.1f} min of wall time, {cpu / 60:.1f} min of "
+        f"CPU time ({result.get('jobs', 1)} job(s) x {result.get('threads', 1)} thread(s))"
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return NONE if x is None else f"{x:+.1f}"
+
+
+def long_markdown(result: dict) -> list[str]:
+    """The long budget's table: one row per method, one column per claim of the paper."""
+    from .study_long import FRACTIONS
+
+    cfg = result["config"]
+    drops = result["drops"]
+    fractions = "/".join(f"{round(100 * f)}" for f in FRACTIONS)
+    base = result.get("baseline")
+    base_error = result.get("baseline_error")
+    lines = [
+        "## Long budget — the paper's claims over a full schedule",
+        "",
+        f"{_model_name(cfg['model'])}: {cfg['train']} training / {cfg['test']} test images, "
+        f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, every LR x0.2 at {fractions} % "
+        f"of training (epochs {drops}, 0-based), seeds {result['seeds']}; each method at the "
+        "learning rates the lr study chose on its validation split (a wider VGG on 3,500 "
+        "images: transferred, not re-tuned). Final training loss: cross entropy of the final "
+        "model on the whole training set (eval mode). After each drop: the training loss's "
+        f"relative decrease from the {cfg['window']} steps before the drop to the "
+        f"{cfg['window']} steps ending {cfg['plateau_steps']} steps after it (%, higher: less "
+        "of a plateau), and the test error one epoch after the drop minus just before it "
+        "(points, lower is better). Medians over seeds.",
+        "",
+        *long_time_lines(result),
+        "",
+    ]
+    header = [
+        "Method",
+        "learning rates",
+        "test error % median (min–max)",
+        "final train loss median (min–max)",
+        f"epochs to {base}'s {_num(base_error)} %" if base else "epochs to SGD's error",
+        "loss decrease after drops (%)",
+        "test error change after drops (pt)",
+        "min / run",
+    ]
+    rows = []
+    for label, entry in result["methods"].items():
+        s = entry.get("summary", {})
+        if "test_error_median" not in s:
+            rows.append([label, _lrs(entry["lrs"]), f"{s.get('diverged', 0)} diverged"])
+            rows[-1] += [NONE] * (len(header) - 3)
+            continue
+        diverged = f" ({s['diverged']} diverged)" if s["diverged"] else ""
+        rows.append(
+            [
+                label,
+                _lrs(entry["lrs"]),
+                f"{s['test_error_median']:.2f} ({s['test_error_min']:.2f}–"
+                f"{s['test_error_max']:.2f}){diverged}",
+                f"{s['final_train_loss_median']:.4f} ({s['final_train_loss_min']:.4f}–"
+                f"{s['final_train_loss_max']:.4f})",
+                NONE if s["epochs_to_baseline"] is None else str(s["epochs_to_baseline"]),
+                " / ".join(_num(d["loss_decrease_pct"], 1) for d in s["drops"]),
+                " / ".join(_pct(d["error_change"]) for d in s["drops"]),
+                _num(s["seconds_per_run"] / 60, 1),
+            ]
+        )
+    lines += _table(header, rows) + [""]
+    lines += implementations_markdown(result["methods"])
+    return lines
+
+
+def plot_long(result: dict, out: Path) -> list[Path]:
+    """Training loss per step (median over seeds, smoothed) and test error per epoch."""
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, entry in result["methods"].items():
+        runs = [r for r in entry["runs"] if not r.get("diverged")]
+        if not runs:
+            continue
+        steps = min(len(r["step_loss"]) for r in runs)
+        per_epoch = runs[0]["steps_per_epoch"]
+        loss = [statistics.median(r["step_loss"][i] for r in runs) for i in range(steps)]
+        window = max(1, per_epoch // 10)
+        smooth = _smooth(loss, window)
+        x = [(i + 1) / per_epoch for i in range(len(smooth))]
+        style = ":" if entry.get("key") in PEERS else "-"
+        ax_loss.plot(x, smooth, style, lw=1, label=label)
+        curve = entry["summary"]["test_error_curve_median"]
+        ax_err.plot(range(1, len(curve) + 1), curve, style, marker="o", ms=3)
+    for ax in (ax_loss, ax_err):
+        for i, d in enumerate(result["drops"]):
+            x = d if ax is ax_loss else d + 0.5
+            ax.axvline(x, color="grey", ls=":", lw=1, label="LR x0.2" if i == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("training loss per step (median over seeds, smoothed)")
+    ax_err.set_ylabel("test error % (median over seeds)")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7, frameon=False)
+    fig.suptitle("Long budget: same init, data order and LR schedule", fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path = out / "long_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
 def study_b_markdown(result: dict) -> list[str]:
     lines = [
         "## Study B — Rayleigh quotient on G(1,n)",
@@ -461,6 +574,8 @@ def summary_markdown(results: dict) -> str:
         lines += lr_markdown(results["lr"])
     if "gn" in results:
         lines += gn_markdown(results["gn"])
+    if "long" in results:
+        lines += long_markdown(results["long"])
     if "B" in results:
         lines += study_b_markdown(results["B"])
     if "C" in results:
@@ -634,6 +749,7 @@ def write_all(results: dict, out: Path, plots: tuple[str, ...] = ("A", "B", "C")
         "gn": plot_study_gn,
         "B": plot_study_b,
         "C": plot_study_c,
+        "long": plot_long,
     }
     for study in plots:
         if study in results and study in plotters:

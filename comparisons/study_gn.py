@@ -15,13 +15,14 @@ in the same order, for the same epochs, every group's learning rate times 0.2 at
   of 16 rows); nothing else is.
 
 SGD-G and Adam-G take whatever ``rbn_geoopt.nn.to_grassmann`` converts
-(:func:`comparisons.methods.prepare`), so the study needs no change when block-invariant
-weights become convertible; until then it converts none of them. Every method therefore
-reports how many weights and points it put on a manifold (``on_manifold``), and the
-summary says so in words when a manifold method has none: then SGD-G and Adam-G are both
-plain Nesterov SGD (lr 0.01) on every parameter, and the table is not the comparison the
-study is for. geoopt's sphere methods (one sphere per ROW) and Adam are not part of this
-study (:data:`METHOD_KEYS`).
+(:func:`comparisons.methods.prepare`): these block-invariant weights go on
+``Grassmann1Blocks`` (``gn_vgg``: 4 weights, 16 points; ``qk_vit``: 4 weights, 8 points),
+each block made unit as one vector. Every method reports how many weights and points it
+put on a manifold (``on_manifold``), and the summary says so in words when a manifold
+method has none (a main without the block manifold, another model): then SGD-G and Adam-G
+are both plain Nesterov SGD (lr 0.01) on every parameter, and the table is not the
+comparison the study is for. geoopt's sphere methods (one sphere per ROW) and Adam are
+not part of this study (:data:`METHOD_KEYS`).
 
 Example::
 
@@ -48,8 +49,8 @@ _QK_VIT = {"name": "qk_vit", "dim": 32, "heads": 2, "layers": 2, "patch": 7, "ml
 
 #: Sizes per mode. ``--full``: the six methods x seeds 0, 1 on both models. Measured once
 #: (``python -m comparisons --full --study gn``, 2 threads, on the project's 2-core machine
-#: shared with other work, load average 5-7, on a main where no block-invariant weight is
-#: converted yet, so SGD-G/Adam-G were plain SGD): 797 s wall, 640 s CPU; the GroupNorm
+#: shared with other work, load average 5-7, before the block manifold was merged, so
+#: SGD-G/Adam-G were plain SGD then): 797 s wall, 640 s CPU; the GroupNorm
 #: net 542 s of training (21-91 s a run, 2-9 ms a training image), the transformer 150 s
 #: (6-23 s a run). A third seed (``--seeds 0,1,2``) adds half of that. ``--quick`` is a
 #: tenth of the images, one seed; ``--smoke`` a few batches of tiny models (CI).

@@ -101,16 +101,19 @@ def train_run(
     progress: bool = True,
     track_angles: bool = True,
     final_evals: dict[str, Split] | None = None,
+    step_losses: bool = False,
 ) -> dict:
     """Train ``model_spec`` with ``method`` and return the per-epoch (and per-step) log.
 
     ``seed`` fixes the initial weights and the batch order, identically for every method.
     ``max_batches`` caps the batches per epoch (the smoke mode). ``evals`` are evaluated
     after every epoch (``log["<name>_error"]`` lists), ``final_evals`` only after the last
-    (``log["final_<name>_error"]``). ``log["on_manifold"]`` says how many weights and points
-    the method put on a manifold (:func:`comparisons.methods.on_manifold`). A model with
-    ``needs_example_inputs`` is analysed with two training images as ``example_inputs``.
-    Raises ``FloatingPointError`` when the training loss becomes non-finite.
+    (``log["final_<name>_error"]``). ``step_losses`` keeps every step's training loss
+    (``log["step_loss"]``, one float per step, in order). ``log["on_manifold"]`` says how
+    many weights and points the method put on a manifold
+    (:func:`comparisons.methods.on_manifold`). A model with ``needs_example_inputs`` is
+    analysed with two training images as ``example_inputs``. Raises ``FloatingPointError``
+    when the training loss becomes non-finite.
     """
     device = torch.device(device)
     model = build_model(model_spec, seed).to(device)
@@ -129,6 +132,8 @@ def train_run(
     log.update({f"{name}_loss": [] for name in evals})
     log["row_norm"] = {name: [] for name in prepared.g_names}
     log["angle_per_step"] = {name: [] for name in prepared.g_names}
+    if step_losses:
+        log["step_loss"] = []
     monitor = angle_monitor(prepared)
     bar = tqdm(
         total=epochs * n_batches,
@@ -162,6 +167,8 @@ def train_run(
                     f"{method.label}: training loss became {value} at epoch {epoch + 1}"
                 )
             total, count = total + value * len(idx), count + len(idx)
+            if step_losses:
+                log["step_loss"].append(value)
             bar.update(1)
         log["epoch_seconds"].append(time.perf_counter() - start)
         log["train_loss"].append(total / max(count, 1))

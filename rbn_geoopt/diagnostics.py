@@ -118,11 +118,13 @@ def point_angles(
         return torch.where(defined, theta, torch.full_like(theta, math.nan))
 
 
-def _kind(param: torch.Tensor, group: dict) -> tuple[str, int]:
-    """``("grassmann" | "sphere" | "plain", ndim)`` of a parameter in its group."""
+def _kind(param: torch.Tensor, group: dict) -> tuple[str, Any]:
+    """``("grassmann" | "sphere" | "plain", layout)`` of a parameter in its group: the
+    ``Grassmann1`` (whose ``point_view`` lays out the points, blocks of rows included) or
+    the number of trailing dims that form one point."""
     manifold = _unscaled(getattr(param, "manifold", None) or group.get("manifold"))
     if isinstance(manifold, Grassmann1):
-        return "grassmann", manifold.ndim
+        return "grassmann", manifold
     if isinstance(manifold, Sphere):
         return "sphere", manifold.ndim
     return "plain", param.dim() - 1 if param.dim() >= 2 else param.dim()
@@ -269,7 +271,10 @@ class AngleMonitor:
                         f"AngleMonitor: parameter {name!r} changed shape during the step, "
                         f"{tuple(old.shape)} -> {tuple(new.shape)}"
                     )
-                angles = point_angles(old, new, ndim=ndim, lines=kind == "grassmann")
+                if kind == "grassmann":  # ndim: the manifold, see _kind
+                    angles = point_angles(ndim.point_view(old), ndim.point_view(new), lines=True)
+                else:
+                    angles = point_angles(old, new, ndim=ndim)
                 stats = [_summary(angles.reshape(-1))]
                 if kind == "plain":
                     whole = point_angles(old, new, ndim=old.dim()).reshape(1)

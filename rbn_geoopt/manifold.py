@@ -37,7 +37,7 @@ from geoopt import ManifoldTensor, Scaled
 from geoopt.manifolds.base import Manifold
 from geoopt.utils import size2shape
 
-__all__ = ["Grassmann1", "is_grassmann1", "sinc"]
+__all__ = ["Grassmann1", "Grassmann1Blocks", "grassmann1_of", "is_grassmann1", "sinc"]
 
 _HALF = (torch.float16, torch.bfloat16)
 # largest entries for which <a, a> is computed unscaled (no overflow for any point size below
@@ -147,6 +147,49 @@ class Grassmann1(Manifold):
 
     def extra_repr(self) -> str:
         return f"ndim={self.ndim}"
+
+    # ----------------------------------------------------------- point layout
+    # The one description of where the points of a tensor lie, read by the optimizers, their
+    # guard and kernels, the orthogonality term and the diagnostics: a tensor of ``shape`` is
+    # ``point_view(t)``, a ``(points, n)`` matrix with one point per row.
+    def point_size(self, shape: tuple[int, ...]) -> int:
+        """``n``, the number of entries of one point of a tensor of ``shape``.
+
+        >>> Grassmann1(ndim=3).point_size((16, 3, 3, 3))
+        27
+        """
+        return math.prod(shape[len(shape) - self.ndim :])
+
+    def point_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as a ``(points, n)`` matrix, one point per row (a view when ``t`` is
+        contiguous).
+
+        >>> Grassmann1(ndim=3).point_view(torch.zeros(16, 3, 3, 3)).shape
+        torch.Size([16, 27])
+        """
+        return t.reshape(-1, self.point_size(t.shape))
+
+    def point_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one scalar per point with the point dims kept (``keepdim=True``):
+        ``(*batch, 1, ..., 1)``.
+
+        >>> Grassmann1(ndim=3).point_shape((16, 3, 3, 3))
+        (16, 1, 1, 1)
+        """
+        return tuple(shape[: len(shape) - self.ndim]) + (1,) * self.ndim
+
+    def per_entry(self, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A per-point ``value`` (shaped :meth:`point_shape`) made to broadcast against a
+        tensor of ``shape`` (here: as it is)."""
+        return value
+
+    def point_label(self, index: int, shape: tuple[int, ...]) -> str:
+        """How messages name point ``index`` (a row of :meth:`point_view`).
+
+        >>> Grassmann1().point_label(3, (8, 4))
+        'row 3'
+        """
+        return f"row {index}"
 
     # ----------------------------------------------------------------- helpers
     def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -494,6 +537,236 @@ class Grassmann1(Manifold):
         return ManifoldTensor(x, manifold=self)
 
 
+class Grassmann1Blocks(Grassmann1):
+    r"""Points of G(1, n) made of blocks of consecutive rows: point ``k`` of a tensor ``W``
+    is ``W.reshape(points, -1)[k]``, rows ``k b .. (k + 1) b - 1`` of dim 0 jointly
+    (``b = W.shape[0] / points``), ``n = W.numel() / points``.
+
+    The weights of a layer followed by ``GroupNorm(G, C)`` are ``G`` such points, those
+    followed by a LayerNorm over all channels one point (docs/design.md, "Points made of
+    blocks of rows"). ``points = W.shape[0]`` gives the points of
+    ``Grassmann1(ndim=W.dim() - 1)`` and ``points = 1`` those of
+    ``Grassmann1(ndim=W.dim())``. Every operator is Grassmann1's, applied to the
+    ``(points, n)`` view (:meth:`point_view`) and shaped back: the same exact formulas,
+    scale invariant per block (``x -> a_k x`` on block ``k``, any ``a_k != 0``). Tensor
+    arguments of one call must have the same shape (no broadcasting); per-point results
+    (``norm``, ``inner``, ``dist``) have shape ``(points,)``, or
+    ``(points, 1, ..., 1)`` with ``keepdim=True`` (:meth:`point_shape`), and
+    ``component_inner`` repeats each point's value over its block. ``ndim`` is None: the
+    points are not trailing dimensions.
+
+    Parameters
+    ----------
+    points : int
+        number of blocks dim 0 is split into (it must divide ``W.shape[0]``).
+
+    Examples
+    --------
+    >>> import torch, geoopt
+    >>> m = Grassmann1Blocks(2)
+    >>> w = geoopt.ManifoldParameter(torch.randn(4, 3), manifold=m)
+    >>> scale = torch.tensor([[2.0], [2.0], [-0.5], [-0.5]])  # one factor per block
+    >>> m.dist(w, scale * w).abs().max().item(), m.norm(w, m.proju(w, torch.ones(4, 3))).shape
+    (0.0, torch.Size([2]))
+    >>> m.projx(w).reshape(2, -1).norm(dim=1)
+    tensor([1.0000, 1.0000], grad_fn=<LinalgVectorNormBackward0>)
+    """
+
+    name = "Grassmann1Blocks"
+
+    def __init__(self, points: int) -> None:
+        if isinstance(points, bool) or not isinstance(points, int):
+            raise TypeError(f"Grassmann1Blocks: points must be an int, got {type(points).__name__}")
+        if points < 1:
+            raise ValueError(f"Grassmann1Blocks: points must be >= 1, got {points}")
+        super().__init__()
+        self.ndim = None  # type: ignore[assignment]  # points are not trailing dims
+        self.points = points
+
+    def extra_repr(self) -> str:
+        return f"points={self.points}"
+
+    # ----------------------------------------------------------- point layout
+    def point_size(self, shape: tuple[int, ...]) -> int:
+        """``n = prod(shape) / points``.
+
+        >>> Grassmann1Blocks(4).point_size((32, 16, 3, 3))
+        1152
+        """
+        return math.prod(shape) // self.points
+
+    def point_view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t.reshape(points, -1)``: block ``k`` of rows is row ``k``."""
+        return t.reshape(self.points, -1)
+
+    def point_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(points, 1, ..., 1)`` with ``len(shape)`` dims.
+
+        >>> Grassmann1Blocks(4).point_shape((32, 16, 3, 3))
+        (4, 1, 1, 1)
+        """
+        return (self.points,) + (1,) * (len(shape) - 1)
+
+    def per_entry(self, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A per-point ``value`` (``(points, 1, ..., 1)``) repeated over each block, shaped
+        ``shape``."""
+        flat = value.reshape(self.points, 1).expand(self.points, self.point_size(shape))
+        return flat.reshape(shape)
+
+    def point_label(self, index: int, shape: tuple[int, ...]) -> str:
+        """``point k (rows a..b)``.
+
+        >>> Grassmann1Blocks(4).point_label(1, (32, 16))
+        'point 1 (rows 8..15)'
+        """
+        b = shape[0] // self.points
+        return f"point {index} (rows {index * b}..{(index + 1) * b - 1})"
+
+    # ----------------------------------------------------------------- views
+    def _views(self, x: torch.Tensor, *others: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The ``(points, n)`` views of ``x`` and ``others`` (None kept), which must have
+        ``x``'s shape."""
+        for t in others:
+            if t is not None and t.shape != x.shape:
+                raise ValueError(
+                    f"Grassmann1Blocks: arguments must have the shape of the point "
+                    f"{tuple(x.shape)}, got {tuple(t.shape)} (no broadcasting over blocks)"
+                )
+        return [None if t is None else self.point_view(t) for t in (x, *others)]
+
+    def _per_point(self, x: torch.Tensor, value: torch.Tensor, keepdim: bool) -> torch.Tensor:
+        """A ``(points, 1)`` result as ``(points,)`` or, kept, :meth:`point_shape`."""
+        return value.reshape(self.point_shape(x.shape) if keepdim else (self.points,))
+
+    # ------------------------------------------------------------------ checks
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+        if len(shape) < 1 or shape[0] % self.points:
+            return False, (
+                f"`{name}` has shape {tuple(shape)}: Grassmann1Blocks(points={self.points}) "
+                f"needs a dim 0 divisible by {self.points} (each point is a block of "
+                "consecutive rows)"
+            )
+        size = self.point_size(shape)
+        if size < 2:
+            return False, (
+                f"`{name}` has points of size {size}: G(1,{size}) is a single isolated point"
+            )
+        return True, None
+
+    def _check_point_on_manifold(
+        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        largest = self.point_view(x.detach()).abs().amax(dim=1)
+        bad = ~(torch.isfinite(largest) & (largest > 0))
+        if bad.any():
+            k = int(bad.nonzero()[0, 0])
+            what = "zero vector" if largest[k] == 0 else "non-finite vector"
+            return False, (
+                f"`x` holds a {what} at {self.point_label(k, tuple(x.shape))}: "
+                "a point of G(1,n) must be a non-zero finite vector"
+            )
+        return True, None
+
+    def _check_vector_on_tangent(
+        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        return _ROWS._check_vector_on_tangent(*self._views(x, u), atol=atol, rtol=rtol)
+
+    # --------------------------------------- operators: Grassmann1's on the views
+    def inner(self, x, u, v=None, *, keepdim=False):
+        """``g_x(u, v) = <u, v> / <x, x>`` per block (:meth:`Grassmann1.inner`)."""
+        return self._per_point(x, _ROWS.inner(*self._views(x, u, v), keepdim=True), keepdim)
+
+    def component_inner(self, x, u, v=None):
+        """:meth:`inner` of each point repeated over its block (shape of ``x``)."""
+        return self.per_entry(self.inner(x, u, v, keepdim=True), tuple(x.shape))
+
+    def norm(self, x, u, *, keepdim=False):
+        """``|u|_x = |u| / |x|`` per block (:meth:`Grassmann1.norm`)."""
+        return self._per_point(x, _ROWS.norm(*self._views(x, u), keepdim=True), keepdim)
+
+    def projx(self, x):
+        """Each block at unit norm (:meth:`Grassmann1.projx`)."""
+        return _ROWS.projx(self.point_view(x)).reshape(x.shape)
+
+    def proju(self, x, u):
+        """:meth:`Grassmann1.proju` per block."""
+        return _ROWS.proju(*self._views(x, u)).reshape(x.shape)
+
+    def egrad2rgrad(self, x, u):
+        """:meth:`Grassmann1.egrad2rgrad` per block."""
+        return _ROWS.egrad2rgrad(*self._views(x, u)).reshape(x.shape)
+
+    def expmap(self, x, u):
+        """:meth:`Grassmann1.expmap` per block (unit blocks)."""
+        return _ROWS.expmap(*self._views(x, u)).reshape(x.shape)
+
+    retr = expmap
+
+    def transp_follow_expmap(self, x, u, v):
+        """:meth:`Grassmann1.transp_follow_expmap` per block."""
+        return _ROWS.transp_follow_expmap(*self._views(x, u, v)).reshape(x.shape)
+
+    transp_follow_retr = transp_follow_expmap
+
+    def expmap_transp(self, x, u, v):
+        """:meth:`Grassmann1.expmap_transp` per block."""
+        y, w = _ROWS.expmap_transp(*self._views(x, u, v))
+        return y.reshape(x.shape), w.reshape(x.shape)
+
+    retr_transp = expmap_transp
+
+    def dist(self, x, y, *, keepdim=False):
+        """:meth:`Grassmann1.dist` per block, in ``[0, pi/2]``."""
+        return self._per_point(x, _ROWS.dist(*self._views(x, y), keepdim=True), keepdim)
+
+    def logmap(self, x, y):
+        """:meth:`Grassmann1.logmap` per block."""
+        return _ROWS.logmap(*self._views(x, y)).reshape(x.shape)
+
+    def transp(self, x, y, v):
+        """:meth:`Grassmann1.transp` per block."""
+        return _ROWS.transp(*self._views(x, y, v)).reshape(x.shape)
+
+    # --------------------------------------------------------------- sampling
+    def random_uniform(self, *size, dtype=None, device=None) -> ManifoldTensor:
+        """Uniformly distributed unit blocks (normalized Gaussian vectors)."""
+        shape = size2shape(*size)
+        self._assert_check_shape(shape, "x")
+        x = torch.randn(*shape, dtype=dtype, device=device)
+        return ManifoldTensor(self.projx(x), manifold=self)
+
+    random = random_uniform
+
+    def origin(self, *size, dtype=None, device=None, seed: int | None = 42) -> ManifoldTensor:
+        """The first coordinate axis of every block (``seed`` is ignored)."""
+        shape = size2shape(*size)
+        self._assert_check_shape(shape, "x")
+        x = torch.zeros(*shape, dtype=dtype, device=device)
+        self.point_view(x)[:, 0] = 1
+        return ManifoldTensor(x, manifold=self)
+
+
+#: the row operators that Grassmann1Blocks applies to its ``(points, n)`` views
+_ROWS = Grassmann1()
+
+
+def grassmann1_of(obj: Manifold | torch.Tensor | None) -> Grassmann1 | None:
+    """The ``Grassmann1`` (or ``Grassmann1Blocks``) behind ``obj``, ``geoopt.Scaled``
+    unwrapped (any depth), or None; ``obj`` may be a ``ManifoldParameter`` /
+    ``ManifoldTensor``. Its point layout (:meth:`Grassmann1.point_view`) is the
+    parameter's, since ``Scaled`` changes the metric only.
+
+    >>> grassmann1_of(Scaled(Grassmann1Blocks(2), 2.0))
+    Grassmann1Blocks(points=2) manifold
+    """
+    if isinstance(obj, torch.Tensor):
+        obj = getattr(obj, "manifold", None)
+    while isinstance(obj, Scaled):
+        obj = obj.base
+    return obj if isinstance(obj, Grassmann1) else None
+
+
 def is_grassmann1(obj: Manifold | torch.Tensor) -> bool:
     """True for ``Grassmann1``, ``geoopt.Scaled(Grassmann1(...))`` (any depth), and a
     ``ManifoldParameter`` / ``ManifoldTensor`` on one of them.
@@ -504,9 +777,7 @@ def is_grassmann1(obj: Manifold | torch.Tensor) -> bool:
     >>> from geoopt import Sphere
     >>> is_grassmann1(Scaled(Grassmann1(), 2.0)), is_grassmann1(Sphere())
     (True, False)
+    >>> is_grassmann1(Grassmann1Blocks(4))  # a sibling: points made of blocks of rows
+    True
     """
-    if isinstance(obj, torch.Tensor):
-        obj = getattr(obj, "manifold", None)
-    while isinstance(obj, Scaled):
-        obj = obj.base
-    return isinstance(obj, Grassmann1)
+    return grassmann1_of(obj) is not None

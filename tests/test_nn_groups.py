@@ -62,7 +62,7 @@ def test_groupnorm_blocks_of_consecutive_rows(groups, per, shapes):
     assert f.normalisers == ("gn",) and f.batchnorms == ()
     if per > 1:
         assert f"{groups} block" in f.reason and f"of {per} (GroupNorm 'gn')" in f.reason
-        assert "not supported yet" in f.reason and not f.selected(all_shapes=True)
+        assert f"Grassmann1Blocks({groups})" in f.reason and f.selected(all_shapes=True)
     head = find_scale_invariant(model)["head.weight"]
     assert head.points == 0 and not head.invariant
 
@@ -306,17 +306,17 @@ def test_instancenorm1d_on_a_2d_input_is_unbatched():
 
 
 # ------------------------------------------------------- selection and conversion
-def test_block_invariant_weights_are_reported_not_converted():
+def test_block_invariant_weights_are_selected_and_converted_in_blocks():
     torch.manual_seed(0)
     model = GNNet(2, 4)
     f = find_scale_invariant(model)["conv.weight"]
     assert str(f).startswith("conv.weight [8x27]: scale invariant in 2 blocks: its rows")
-    assert not f.selected() and not f.selected(all_shapes=True)
-    with pytest.warns(UserWarning, match=r"\['conv.weight'\] are scale invariant only in blocks"):
-        assert to_grassmann(model, all_shapes=True) == []
+    assert f.point_length == 4 * 27 and f.wide and f.selected()
     old = model.conv.weight.detach().clone()
-    with pytest.warns(UserWarning, match="only in blocks of rows"):
-        assert to_grassmann(model, include=["conv.weight"]) == ["conv.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converted in blocks: no warning
+        assert to_grassmann(model) == ["conv.weight"]
+    assert repr(model.conv.weight.manifold) == "Grassmann1Blocks(points=2) manifold"
     assert torch.equal(model.conv.weight, old)
 
 
@@ -403,14 +403,15 @@ def test_weight_standardisation_and_normalised_weights(how, points):
     torch.manual_seed(0)
     model, x = StdConv(how), _x(2, 3, 6, 6)
     f = _check_granularity(model, "weight", x, points, shapes=False)
-    assert not f.tied and f.selected(all_shapes=True) == (points == 4)
+    assert not f.tied and f.selected(all_shapes=True)
     if points == 4:
         assert f.reason.startswith("it is normalised row by row before use")
-        with torch.no_grad():
-            before = model(x)
-        assert "weight" in to_grassmann(model, all_shapes=True)
-        with torch.no_grad():
-            assert torch.equal(model(x), before)
+    with torch.no_grad():
+        before = model(x)
+    assert "weight" in to_grassmann(model, all_shapes=True)  # rows, or one block (points 1)
+    assert model.weight.manifold.point_shape(tuple(model.weight.shape))[0] == points
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
 
 
 def test_weight_not_normalised_with_batch_statistics_is_not_invariant():
@@ -431,12 +432,11 @@ def test_weight_norm_direction(dim, points):
     assert "weight_norm in ParametrizedConv2d '0'" in f.reason
     magnitude = find_scale_invariant(model).get("0.parametrizations.weight.original0")
     assert magnitude is None or not magnitude.invariant or magnitude.rows == 1
-    if points == 4:  # converted like any row-invariant weight, outputs kept
-        with torch.no_grad():
-            before = model(x)
-        assert to_grassmann(model) == [name]
-        with torch.no_grad():
-            assert torch.equal(model(x), before)
+    with torch.no_grad():  # converted (rows, or one block), outputs kept
+        before = model(x)
+    assert to_grassmann(model) == [name]
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -85,7 +85,7 @@ def partition_verdict(rows: int, hits: list[Hit], per_row: str) -> dict:
     if points:
         reason = (
             f"its rows are scale invariant jointly in {_plural(points, 'block')} of {block} "
-            f"({via}); converting such weights is not supported yet"
+            f"({via}); each block is one point of G(1, n) (Grassmann1Blocks({points}))"
         )
         return dict(invariant=False, reason=reason, points=points)
     first = int((component != torch.arange(rows)).nonzero()[0, 0])

@@ -60,8 +60,9 @@ class Finding:
     normaliser of several channels jointly (``G`` behind ``GroupNorm(G, C)``, 1 behind a
     LayerNorm over all channels, one per head behind a QK-norm); 0 when no such partition
     exists. A weight with ``0 < points < rows`` is NOT ``invariant`` (``invariant`` keeps
-    its meaning, each row a point) and is not converted: G(1, n) points made of blocks are
-    not supported yet (docs/design.md, "Which weights are scale invariant").
+    its meaning, each row a point); it is converted onto
+    :class:`~rbn_geoopt.manifold.Grassmann1Blocks` ``(points)``, each block one point
+    (docs/design.md, "Which weights are scale invariant").
     ``rows`` / ``row_length``: fan-out ``p`` and fan-in ``n``. ``tied``: the same Parameter
     is used more than once (several modules or calls). ``converted``: already a
     ``ManifoldParameter`` on :class:`Grassmann1`. ``batchnorms``: the BatchNorm modules its
@@ -76,8 +77,8 @@ class Finding:
     (True, 4, False, False, True)
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.GroupNorm(2, 8))
     >>> f = find_scale_invariant(net)["0.weight"]
-    >>> f.invariant, f.points, f.selected(all_shapes=True)
-    (False, 2, False)
+    >>> f.invariant, f.points, f.point_length, f.wide, f.selected()
+    (False, 2, 108, True, True)
     >>> print(f.reason.split("; ")[0])
     its rows are scale invariant jointly in 2 blocks of 4 (GroupNorm '1')
     """
@@ -108,20 +109,31 @@ class Finding:
             )
 
     @property
+    def point_length(self) -> int:
+        """``n`` of one point: ``row_length`` for row points, ``rows / points * row_length``
+        for blocks (``row_length`` when ``points == 0``)."""
+        if self.points in (0, self.rows):
+            return self.row_length
+        return self.rows // self.points * self.row_length
+
+    @property
     def wide(self) -> bool:
-        """Fan-out smaller than fan-in (``p < n``): the paper's condition for G(1, n)."""
-        return self.rows < self.row_length
+        """Fewer points than entries per point (``p < n``), the paper's condition for
+        G(1, n) (its orthogonality target exists): fan-out below fan-in for row points."""
+        return (self.points or self.rows) < self.point_length
 
     def selected(self, all_shapes: bool = False) -> bool:
-        """Whether ``to_grassmann(all_shapes=...)`` puts this weight on G(1, n) by itself."""
+        """Whether ``to_grassmann(all_shapes=...)`` puts this weight on G(1, n) by itself:
+        scale invariant row by row (``points == rows``) or in blocks of rows
+        (``0 < points < rows``), not tied, not on another manifold, and ``wide`` unless
+        ``all_shapes``."""
         if self.converted:
             return True
         return (
-            self.invariant
-            and self.points == self.rows
+            self.points > 0
             and not self.tied
             and self.manifold is None
-            and self.row_length >= 2
+            and self.point_length >= 2
             and (all_shapes or self.wide)
         )
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from ..manifold import is_grassmann1
+from ..manifold import grassmann1_of, is_grassmann1
 from ..optim._distributed import is_dtensor
 from ..orthogonality import orthogonality_value
 
@@ -71,7 +71,7 @@ def orthogonality_penalty(
                     "gathers the full weight"
                 )
             continue
-        terms.append(orthogonality_value(p, p.manifold.ndim, 1.0))
+        terms.append(orthogonality_value(grassmann1_of(p).point_view(p), 1, 1.0))
     if not terms:
         like = params[0] if params else torch.zeros(())
         return torch.zeros((), dtype=like.dtype, device=like.device)

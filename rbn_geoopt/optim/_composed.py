@@ -14,7 +14,7 @@ import math
 import torch
 from geoopt.manifolds.base import Manifold
 
-from ..manifold import is_grassmann1
+from ..manifold import grassmann1_of
 from ._fused.torch_twin import snap
 
 __all__ = ["clip_per_point", "clipped_rgrad", "keep_norm", "store", "working"]
@@ -38,7 +38,9 @@ def clip_per_point(
     tensor([[0.0000, 0.5000]])
     """
     norm = manifold.norm(y, h, keepdim=True)
-    return h * torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+    factor = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+    base = grassmann1_of(manifold)
+    return h * (factor if base is None else base.per_entry(factor, tuple(h.shape)))
 
 
 def clipped_rgrad(
@@ -58,8 +60,10 @@ def clipped_rgrad(
     return h
 
 
-def _point_norm(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return torch.linalg.vector_norm(t, dim=tuple(range(-ndim, 0)), keepdim=True)
+def _point_norm(base, t: torch.Tensor) -> torch.Tensor:
+    """``|t|`` per point of ``base`` (a Grassmann1), shaped ``base.point_shape``."""
+    norm = torch.linalg.vector_norm(base.point_view(t), dim=1)
+    return norm.reshape(base.point_shape(tuple(t.shape)))
 
 
 def keep_norm(
@@ -74,12 +78,13 @@ def keep_norm(
     ``new_y * s`` and ``new_tangent * s`` with ``s = |y|``, or ``s = 1`` when ``<y, y>`` is 1
     to within ``snap(dtype)`` and the point moved; a point with ``d = 0`` stays ``y`` bit
     for bit. Other manifolds: unchanged."""
-    if not is_grassmann1(manifold):
+    base = grassmann1_of(manifold)
+    if base is None:
         return new_y, new_tangent
-    ndim = manifold.ndim
-    r = _point_norm(y, ndim)
-    moved = _point_norm(d, ndim) > 0
+    r = _point_norm(base, y)
+    moved = _point_norm(base, d) > 0
     s = torch.where(moved & ((r * r - 1).abs() <= snap(dtype)), 1, r)
+    s, moved = base.per_entry(s, tuple(y.shape)), base.per_entry(moved, tuple(y.shape))
     new_y = torch.where(moved, new_y * s, y)
     return new_y, None if new_tangent is None else new_tangent * s
 

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
 __all__ = [
     "is_dtensor",
     "local",
+    "block_sharding_error",
     "point_sharding_error",
     "replicated_rows",
     "gathered",
@@ -72,6 +73,28 @@ def point_sharding_error(param: torch.Tensor, ndim: int) -> str | None:
                 f"one point (its trailing {ndim} dim(s)), so no rank holds whole points; "
                 "shard a batch dim instead (fully_shard(..., shard_placement_fn=...) or "
                 "ignored_params) or keep it replicated"
+            )
+    return None
+
+
+def block_sharding_error(param: torch.Tensor) -> str | None:
+    """Why a ``Grassmann1Blocks`` parameter's DTensor layout cannot be stepped, or None.
+
+    Its points are blocks of rows of dim 0, the dim FSDP2 shards; whether every shard holds
+    whole blocks is not checked, so any ``Shard`` (and ``Partial``) placement is refused:
+    replicated layouts only.
+    """
+    if not is_dtensor(param):
+        return None
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_partial():
+            return f"has a Partial placement on mesh dim {mesh_dim} (a pending reduction)"
+        if placement.is_shard():
+            return (
+                f"is sharded along dim {placement.dim} (mesh dim {mesh_dim}), but it is on "
+                "Grassmann1Blocks, whose points are blocks of rows of dim 0: sharded block "
+                "parameters are not supported (a shard may cut a block); keep it replicated "
+                "(fully_shard(..., ignored_params=...) or a replicated placement)"
             )
     return None
 

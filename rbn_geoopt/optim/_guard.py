@@ -34,12 +34,12 @@ rbn_geoopt.optim.NonFiniteGradientError: SGDG: the gradient of parameter 'fc.wei
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
 from geoopt.manifolds.base import Manifold
 
+from ..manifold import grassmann1_of
 from . import _fused
 from ._distributed import is_dtensor, reduce_max
 from ._validate import param_label
@@ -101,7 +101,8 @@ def check_step(
             if item.kind == GRASSMANN:
                 ys.append(item.point)
                 gs.append(item.grad)
-                ns.append(math.prod(item.point.shape[-item.manifold.ndim :]))  # row length
+                # row length of the (points, n) view
+                ns.append(grassmann1_of(item.manifold).point_size(item.point.shape))
                 where_rows.append((gi, group, item))
             elif item.kind == PLAIN:
                 finite.append(((gi, group, item), (item.grad,)))
@@ -187,7 +188,8 @@ def _point_message(optimizer: str, label: str, item: Item, row: int, shard: str)
             f"{optimizer}: {label} holds NaN/Inf values: a point of {item.manifold.name} must "
             "be finite; nothing was stepped"
         )
-    values = y.reshape(-1, math.prod(y.shape[y.dim() - item.manifold.ndim :]))[row]
+    base = grassmann1_of(item.manifold)
+    values = base.point_view(y)[row]
     lo2, hi2, _ = _fused.limits(y.dtype)
     low, high = lo2**0.5, hi2**0.5
     if not bool(torch.isfinite(values).all()):
@@ -201,16 +203,20 @@ def _point_message(optimizer: str, label: str, item: Item, row: int, shard: str)
         else:
             cause = f"holds a vector of norm {norm:.3g}, above the largest a step supports"
     return (
-        f"{optimizer}: {label} {cause} at row {row}{shard}: a point of G(1,n) must be a "
+        f"{optimizer}: {label} {cause} at {base.point_label(row, tuple(y.shape))}{shard}: "
+        "a point of G(1,n) must be a "
         f"finite vector with norm in [{low:.2g}, {high:.2g}] ({y.dtype}); nothing was stepped"
     )
 
 
 def _grad_message(optimizer: str, label: str, item: Item, row: int, shard: str) -> str:
     grad = item.grad
-    n = 1 if row < 0 else math.prod(grad.shape[grad.dim() - item.manifold.ndim :])
-    values = grad if row < 0 else grad.reshape(-1, n)[row]
-    at = "" if row < 0 else f" (row {row}{shard})"
+    if row < 0:
+        values, at = grad, ""
+    else:
+        base = grassmann1_of(item.manifold)
+        values = base.point_view(grad)[row]
+        at = f" ({base.point_label(row, tuple(grad.shape))}{shard})"
     if bool(torch.isfinite(values).all()):
         what = "values so large that the step would overflow"
     else:

@@ -26,8 +26,8 @@ import geoopt
 import torch
 from geoopt.manifolds.base import Manifold
 
-from ..manifold import Grassmann1, is_grassmann1
-from ._distributed import point_sharding_error
+from ..manifold import Grassmann1, Grassmann1Blocks, grassmann1_of, is_grassmann1
+from ._distributed import block_sharding_error, point_sharding_error
 
 __all__ = ["EUCLIDEAN_RULES", "fused_kernel_steps", "manifold_of", "param_label", "validate_group"]
 
@@ -35,6 +35,8 @@ __all__ = ["EUCLIDEAN_RULES", "fused_kernel_steps", "manifold_of", "param_label"
 EUCLIDEAN_RULES = ("sgd", "adam")
 
 _EUCLIDEAN = geoopt.Euclidean()
+#: the manifolds the fused kernels step (rows of ``manifold.point_view(param)``)
+_FUSED = (Grassmann1, Grassmann1Blocks)
 
 
 def manifold_of(param: torch.Tensor, group: dict[str, Any]) -> Manifold:
@@ -46,9 +48,9 @@ def manifold_of(param: torch.Tensor, group: dict[str, Any]) -> Manifold:
 
 
 def fused_kernel_steps(param: torch.Tensor, manifold: Manifold) -> bool:
-    """Whether the fused kernels can step ``param``: exactly ``Grassmann1`` (``Scaled``
-    changes the metric) in float32 or float64."""
-    return type(manifold) is Grassmann1 and param.dtype in (torch.float32, torch.float64)
+    """Whether the fused kernels can step ``param``: exactly ``Grassmann1`` or
+    ``Grassmann1Blocks`` (``Scaled`` changes the metric) in float32 or float64."""
+    return type(manifold) in _FUSED and param.dtype in (torch.float32, torch.float64)
 
 
 def param_label(group: dict[str, Any], group_index: int, param_index: int) -> str:
@@ -172,7 +174,11 @@ def _validate_param(group: dict[str, Any], group_index: int, j: int, where: str)
             raise ValueError(
                 f"{where}: {label}{shape} does not hold points of {manifold!r}: {reason}"
             )
-    reason = point_sharding_error(param, manifold.ndim or 0)
+    base = grassmann1_of(manifold)
+    if isinstance(base, Grassmann1Blocks):
+        reason = block_sharding_error(param)
+    else:
+        reason = point_sharding_error(param, manifold.ndim or 0)
     if reason is not None:
         raise ValueError(f"{where}: the DTensor {label} {reason}")
 

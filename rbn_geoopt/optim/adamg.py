@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from geoopt.manifolds.base import Manifold
 
-from ..manifold import is_grassmann1
+from ..manifold import grassmann1_of, is_grassmann1
 from . import _fused
 from ._composed import clipped_rgrad, keep_norm, store, working
 from ._distributed import local
@@ -204,7 +204,7 @@ def adamg(
             gs.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
             ms.append(exp_avg)
             vs.append(exp_avg_sq)
-            ns.append(math.prod(param.shape[-manifold.ndim :]))  # row length
+            ns.append(manifold.point_size(param.shape))  # row length of point_view
             step_sizes.append(step_size)
         else:
             _single_tensor_adamg(
@@ -258,7 +258,9 @@ def _single_tensor_adamg(
         exp_avg.copy_(manifold.proju(y, exp_avg))
     exp_avg.mul_(beta1).add_(h, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).add_(manifold.inner(y, h, keepdim=True), alpha=1 - beta2)
-    d = exp_avg * (-step_size) / (exp_avg_sq + eps).sqrt()
+    denom = (exp_avg_sq + eps).sqrt()
+    base = grassmann1_of(manifold)
+    d = exp_avg * (-step_size) / (denom if base is None else base.per_entry(denom, y.shape))
     new_y, new_m = manifold.retr_transp(y, d, exp_avg)
     new_y, new_m = keep_norm(manifold, y, d, new_y, new_m, param.dtype)
     exp_avg.copy_(store(manifold, param, new_y, new_m))

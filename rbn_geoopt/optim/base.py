@@ -28,7 +28,7 @@ from geoopt.optim.mixin import OptimMixin
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
-from ..manifold import Grassmann1, is_grassmann1
+from ..manifold import Grassmann1, Grassmann1Blocks, grassmann1_of, is_grassmann1
 from ..orthogonality import orthogonality_egrad
 from . import _fused
 from ._checkpoint import validate_state_dict
@@ -60,7 +60,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 #: the kind of a parameter by the exact type of its manifold (the common cases; others:
 #: _kind, which also sees subclasses and geoopt.Scaled)
-_KINDS = {Grassmann1: GRASSMANN, Euclidean: PLAIN}
+_KINDS = {Grassmann1: GRASSMANN, Grassmann1Blocks: GRASSMANN, Euclidean: PLAIN}
 
 
 def _kind(manifold: Manifold) -> int:
@@ -83,12 +83,19 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def point_shape(shape: torch.Size, manifold: Manifold) -> tuple[int, ...]:
-    """Shape of a per-point scalar with the point dims kept: ``(*batch, 1, ..., 1)``.
+    """Shape of a per-point scalar with the point dims kept: ``(*batch, 1, ..., 1)``
+    (``Grassmann1Blocks``: ``(points, 1, ..., 1)``, :meth:`.Grassmann1.point_shape`).
 
     >>> from rbn_geoopt import Grassmann1
+    >>> from rbn_geoopt.manifold import Grassmann1Blocks
     >>> point_shape(torch.Size([16, 3, 3, 3]), Grassmann1(ndim=3))
     (16, 1, 1, 1)
+    >>> point_shape(torch.Size([16, 3, 3, 3]), Grassmann1Blocks(4))
+    (4, 1, 1, 1)
     """
+    base = grassmann1_of(manifold)
+    if base is not None:
+        return base.point_shape(tuple(shape))
     ndim = manifold.ndim or 0
     return tuple(shape[: len(shape) - ndim]) + (1,) * ndim
 
@@ -304,7 +311,8 @@ class RiemannianOptimizer(OptimMixin, torch.optim.Optimizer):
         for item in items:
             dtype = working_dtype(item.param.dtype)
             full = gathered(item.param).to(dtype)
-            term = orthogonality_egrad(full, item.manifold.ndim, omega)
+            rows = grassmann1_of(item.manifold).point_view(full)
+            term = orthogonality_egrad(rows, 1, omega).reshape(full.shape)
             out.append(item.grad.to(dtype) + replicated_rows(item.param, term))
         return out
 

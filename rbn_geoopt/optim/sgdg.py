@@ -207,7 +207,7 @@ def sgdg(
             ys.append(param)
             gs.append(grad if grad.dtype == param.dtype else grad.to(param.dtype))
             fused_taus.append(tau)
-            ns.append(math.prod(param.shape[-manifold.ndim :]))  # row length
+            ns.append(manifold.point_size(param.shape))  # row length of point_view
         else:
             _single_tensor_sgdg(
                 param,

@@ -1,0 +1,387 @@
+"""The long budget: the paper's claims checked over a full schedule, each method at its chosen LR.
+
+Every method trains the same network from the same initial weights on the same batches
+(``seed`` fixes both), for ``epochs`` epochs of the whole training set, with the paper's
+schedule scaled to the budget: every learning rate x0.2 at 30, 60 and 80 % of training
+(:func:`comparisons.train.lr_drops` with ``FRACTIONS``). Each method runs at the learning
+rates that the sensitivity study chose for it on a validation split (:data:`CHOSEN_LRS`,
+from ``docs/results/lr_sensitivity.md``; that study used a wider VGG on 3,500 images, so
+the choice is transferred, not re-tuned). The paper's claims (Cho & Lee 2017, section 5),
+one measure each (:func:`summarize_method`):
+
+* **final test error**: median and min-max over seeds after the last epoch;
+* **final training loss**: cross entropy of the final model on the whole training set, in
+  eval mode (and the last epoch's running mean);
+* **the plateau after each LR drop**: the relative decrease of the training loss from the
+  ``window`` steps before the drop to the ``window`` steps ending ``plateau_steps`` steps
+  after it, ``100 (before - after) / before`` (a method that keeps learning after a drop
+  scores high), and the test error one epoch after the drop minus the test error just
+  before it (points; negative is better);
+* **epochs to reach SGD's final error**: the first epoch at which the method's median
+  test-error curve is at or below SGD's final median error.
+
+Runs are independent, so ``jobs`` worker processes (spawned, ``threads`` torch threads each)
+share them; a finished run is reported at once (``on_run``), so an interrupted study leaves
+every finished run readable. Seeds run in order: a partial result has every method at the
+first seed before any at the second.
+
+Example::
+
+    result = run_long_study(BUDGETS["smoke"], data, [METHODS["sgd"]], [0])
+    result["methods"]["SGD"]["summary"]["test_error_median"]
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+from tqdm import tqdm
+
+from .data import Split, subsample
+from .methods import METHODS, Method, hyperparameters, implementation
+from .train import lr_drops, train_run
+
+__all__ = [
+    "BUDGETS",
+    "CHOSEN_LRS",
+    "DEFAULT_METHODS",
+    "FRACTIONS",
+    "check_budget",
+    "drop_measures",
+    "run_long_study",
+    "summarize_method",
+]
+
+#: the paper's schedule (x0.2 at 30/60/80 % of the epochs), scaled to the budget
+FRACTIONS = (0.3, 0.6, 0.8)
+_SQRT10 = math.sqrt(10.0)
+
+#: The learning rates the sensitivity study chose on its validation split
+#: (``python -m comparisons --study lr --full``, docs/results/lr_sensitivity.md): the
+#: published value x sqrt(10)^k at the chosen grid point k. Manifold methods: ``lr`` of the
+#: plain parameters fixed first, then ``lr_g`` swept.
+CHOSEN_LRS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.1 * _SQRT10},
+    "sgdp": {"lr": 0.1},
+    "adam": {"lr": 1e-3 * 10.0},
+    "adamw": {"lr": 1e-3 * 10.0},
+    "adamp": {"lr": 1e-3 * _SQRT10},
+    "sgdg": {"lr": 0.1, "lr_g": 0.2 / _SQRT10},
+    "adamg": {"lr": 0.1, "lr_g": 0.05},
+    "rsgd-sphere": {"lr": 0.1, "lr_g": 0.2 * _SQRT10},
+    "rsgd-sphereexact": {"lr": 0.01, "lr_g": 0.2 * _SQRT10},
+    "radam-sphere": {"lr": 0.1, "lr_g": 0.05 * _SQRT10},
+    "radam-sphereexact": {"lr": 0.1, "lr_g": 0.05 * _SQRT10},
+}
+
+#: what ``--study long`` runs without ``--methods``: ours and the peers a user would pick
+DEFAULT_METHODS = ("sgd", "sgdp", "adamw", "adamp", "sgdg", "adamg")
+
+_TINY = {"name": "vgg", "widths": (4, 8, 8, 8)}
+#: ``full``: the whole training set (60,000 images) and test set, 15 epochs, 3 seeds by
+#: default; VGG with half study A's widths (16k parameters), so that the 6 default methods x
+#: 3 seeds (18 runs of 900,000 training images) fit in about 70 min as two 1-thread
+#: processes on 2 idle cores (measured training throughput on the project machine: about
+#: 2,400 images/s per process; the final evaluation of the training set adds a third of an
+#: epoch). ``smoke`` and ``quick`` are the CI sizes.
+BUDGETS = {
+    "smoke": {
+        "model": _TINY,
+        "train": 256,
+        "test": 128,
+        "epochs": 3,
+        "batch_size": 64,
+        "max_batches": 2,
+        "jobs": 1,
+        "plateau_steps": 1,
+        "window": 1,
+        "seeds": [0],
+    },
+    "quick": {
+        "model": _TINY,
+        "train": 512,
+        "test": 256,
+        "epochs": 4,
+        "batch_size": 64,
+        "jobs": 1,
+        "plateau_steps": 4,
+        "window": 2,
+        "seeds": [0],
+    },
+    "full": {
+        "model": {"name": "vgg", "widths": (8, 16, 32, 32)},
+        "train": None,
+        "test": None,
+        "epochs": 15,
+        "batch_size": 128,
+        "jobs": 2,
+        "plateau_steps": 200,
+        "window": 50,
+        "seeds": [0, 1, 2],
+    },
+}
+
+
+def check_budget(budget: dict, n_train: int) -> None:
+    """Raise ValueError when ``budget`` cannot run on ``n_train`` training images."""
+    n = n_train if budget.get("train") is None else min(budget["train"], n_train)
+    if n < budget["batch_size"]:
+        raise ValueError(
+            f"the long study needs at least one batch ({budget['batch_size']} images) of "
+            f"training data, got {n}"
+        )
+    if not lr_drops(budget["epochs"], FRACTIONS):
+        raise ValueError(f"the long study needs epochs with LR drops, got {budget['epochs']}")
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+def drop_measures(
+    step_loss: list[float],
+    test_error: list[float],
+    drops: list[int],
+    steps_per_epoch: int,
+    plateau_steps: int,
+    window: int,
+) -> list[dict]:
+    """Per LR drop (0-based epoch ``d``, the first at the lower rate), how training goes on.
+
+    ``loss_decrease_pct``: ``100 (before - after) / before`` with ``before`` the mean loss
+    of the ``window`` steps before the drop and ``after`` the mean of the ``window`` steps
+    ending ``plateau_steps`` steps after it (None when the run is too short for either);
+    ``error_change``: test error after epoch ``d`` minus after epoch ``d - 1`` (points).
+
+    >>> loss = [2.0] * 4 + [1.0] * 4  # a drop at step 4 halves the loss at once
+    >>> drop_measures(loss, [30.0, 20.0], [1], 4, 2, 2)
+    [{'epoch': 1, 'loss_decrease_pct': 50.0, 'error_change': -10.0}]
+    """
+    out = []
+    for d in drops:
+        s = d * steps_per_epoch
+        decrease = None
+        if window <= plateau_steps and s - window >= 0 and s + plateau_steps <= len(step_loss):
+            before = _mean(step_loss[s - window : s])
+            after = _mean(step_loss[s + plateau_steps - window : s + plateau_steps])
+            decrease = 100.0 * (before - after) / before
+        change = None
+        if 1 <= d < len(test_error):
+            change = test_error[d] - test_error[d - 1]
+        out.append({"epoch": d, "loss_decrease_pct": decrease, "error_change": change})
+    return out
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def summarize_method(runs: list[dict], baseline_error: float | None) -> dict:
+    """The table row of one method from its finished runs (diverged runs counted apart)."""
+    done = [r for r in runs if not r.get("diverged")]
+    summary: dict = {"runs": len(runs), "diverged": len(runs) - len(done)}
+    if not done:
+        return summary
+    finals = [r["test_error"][-1] for r in done]
+    epochs = min(len(r["test_error"]) for r in done)
+    curve = [statistics.median(r["test_error"][i] for r in done) for i in range(epochs)]
+    reach = None
+    if baseline_error is not None:
+        reach = next((i + 1 for i, e in enumerate(curve) if e <= baseline_error), None)
+    n_drops = min(len(r["drops"]) for r in done)
+    summary.update(
+        {
+            "test_error_median": statistics.median(finals),
+            "test_error_min": min(finals),
+            "test_error_max": max(finals),
+            "test_error_curve_median": curve,
+            "final_train_loss_median": statistics.median(r["final_train_loss"] for r in done),
+            "final_train_loss_min": min(r["final_train_loss"] for r in done),
+            "final_train_loss_max": max(r["final_train_loss"] for r in done),
+            "last_epoch_loss_median": statistics.median(r["train_loss"][-1] for r in done),
+            "epochs_to_baseline": reach,
+            "drops": [
+                {
+                    "epoch": done[0]["drops"][k]["epoch"],
+                    "loss_decrease_pct": _median_or_none(
+                        [r["drops"][k]["loss_decrease_pct"] for r in done]
+                    ),
+                    "error_change": _median_or_none([r["drops"][k]["error_change"] for r in done]),
+                }
+                for k in range(n_drops)
+            ],
+            "seconds_per_run": statistics.median(r["seconds"] for r in done),
+            "cpu_seconds_per_run": statistics.median(r["cpu_seconds"] for r in done),
+        }
+    )
+    return summary
+
+
+# ------------------------------------------------------------------ one run (any process)
+_WORKER: dict = {}
+
+
+def _init_worker(data: tuple[Split, Split], threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["data"] = data
+
+
+def _one_run(key: str, seed: int, lrs: dict, budget: dict, device: str) -> dict:
+    """Train one method with one seed; the compact log the study keeps."""
+    train, test = _WORKER["data"]
+    epochs = budget["epochs"]
+    drops = lr_drops(epochs, FRACTIONS)
+    steps_per_epoch = math.ceil(len(train) / budget["batch_size"])
+    if budget.get("max_batches") is not None:
+        steps_per_epoch = min(steps_per_epoch, budget["max_batches"])
+    t0, c0 = time.perf_counter(), time.process_time()
+    base = {"key": key, "seed": seed, "lrs": lrs}
+    try:
+        log = train_run(
+            METHODS[key],
+            budget["model"],
+            train,
+            {"test": test},
+            epochs=epochs,
+            drops=drops,
+            seed=seed,
+            batch_size=budget["batch_size"],
+            lrs=lrs,
+            max_batches=budget.get("max_batches"),
+            device=device,
+            progress=False,
+            track_angles=False,
+            final_evals={"train": train},
+            step_losses=True,
+        )
+    except FloatingPointError as err:
+        return {**base, "diverged": str(err), "seconds": time.perf_counter() - t0}
+    return {
+        **base,
+        "test_error": log["test_error"],
+        "train_loss": log["train_loss"],
+        "step_loss": log["step_loss"],
+        "final_train_loss": log["final_train_loss"],
+        "final_train_error": log["final_train_error"],
+        "drops": drop_measures(
+            log["step_loss"],
+            log["test_error"],
+            drops,
+            steps_per_epoch,
+            budget["plateau_steps"],
+            budget["window"],
+        ),
+        "steps_per_epoch": steps_per_epoch,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
+
+
+def _one_run_task(args: tuple) -> dict:
+    return _one_run(*args)
+
+
+# ------------------------------------------------------------------------------ the study
+def _result(
+    budget: dict, train: Split, test: Split, methods: list[Method], seeds: list[int]
+) -> dict:
+    out: dict = {
+        "config": {**budget, "train": len(train), "test": len(test)},
+        "drops": lr_drops(budget["epochs"], FRACTIONS),
+        "seeds": list(seeds),
+        "baseline": None,
+        "methods": {},
+    }
+    for m in methods:
+        out["methods"][m.label] = {
+            "key": m.key,
+            "lrs": CHOSEN_LRS.get(m.key, dict(m.lrs)),
+            "lrs_from": "lr study" if m.key in CHOSEN_LRS else "published",
+            "hyper": hyperparameters(m),
+            "implementation": implementation(m),
+            "runs": [],
+        }
+    return out
+
+
+def _summarize(out: dict) -> None:
+    by_key = {v["key"]: v for v in out["methods"].values()}
+    base = by_key.get("sgd")
+    base_error = None
+    if base is not None:
+        finals = [r["test_error"][-1] for r in base["runs"] if not r.get("diverged")]
+        base_error = statistics.median(finals) if finals else None
+    out["baseline"] = "SGD" if base is not None else None
+    out["baseline_error"] = base_error
+    for entry in out["methods"].values():
+        entry["runs"].sort(key=lambda r: r["seed"])
+        entry["summary"] = summarize_method(entry["runs"], base_error)
+
+
+def run_long_study(
+    budget: dict,
+    data: tuple[Split, Split],
+    methods: list[Method],
+    seeds: list[int],
+    device: str = "cpu",
+    progress: bool = True,
+    jobs: int | None = None,
+    threads: int = 1,
+    on_run: Callable[[dict], None] | None = None,
+) -> dict:
+    """Every method x seed of the long budget; ``on_run(result so far)`` after each run.
+
+    ``jobs`` worker processes (default ``budget["jobs"]``) with ``threads`` torch threads
+    each; ``jobs == 1`` runs in this process with its current threads.
+    """
+    check_budget(budget, len(data[0]))
+    train = subsample(data[0], budget.get("train"))
+    test = subsample(data[1], budget.get("test"), seed=1)
+    out = _result(budget, train, test, methods, seeds)
+    jobs = budget["jobs"] if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    tasks = [
+        (m.key, seed, out["methods"][m.label]["lrs"], budget, str(device))
+        for seed in seeds
+        for m in methods
+    ]
+    label = {m.key: m.label for m in methods}
+    bar = tqdm(total=len(tasks), desc="long study", disable=not progress)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    child_cpu = 0.0
+
+    def finish(run: dict) -> None:
+        nonlocal child_cpu
+        out["methods"][label[run["key"]]]["runs"].append(run)
+        child_cpu += run.get("cpu_seconds", 0.0) if jobs > 1 else 0.0
+        out["seconds"] = time.perf_counter() - start
+        out["cpu_seconds"] = time.process_time() - cpu_start + child_cpu
+        _summarize(out)
+        bar.update(1)
+        if on_run is not None:
+            on_run(out)
+
+    if jobs == 1:
+        _init_worker((train, test), torch.get_num_threads())
+        for task in tasks:
+            finish(_one_run(*task))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_init_worker, initargs=((train, test), threads)
+        ) as pool:
+            futures = [pool.submit(_one_run_task, task) for task in tasks]
+            for future in as_completed(futures):
+                finish(future.result())
+    bar.close()
+    out["jobs"], out["threads"] = jobs, threads if jobs > 1 else torch.get_num_threads()
+    _summarize(out)
+    return out
