@@ -336,3 +336,17 @@ def test_merge_adds_the_seeds_of_two_gn_runs(smoke_gn, tmp_path):
     for model in merged["gn"]["models"].values():
         assert all(len(e["runs"]) == 2 and "on_manifold" in e for e in model["methods"].values())
     assert "## Beyond BatchNorm" in (tmp_path / "m" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(("key", "weights", "points"), [("gn_vgg", 4, 16), ("qk_vit", 4, 8)])
+def test_full_size_models_put_what_the_readme_says_on_the_manifold(key, weights, points):
+    """The README's counts for the --full models: every GroupNorm conv in 4 blocks, every
+    q/k weight in 2 (one per head), on Grassmann1Blocks; nothing else."""
+    spec = next(s["model"] for s in study_gn.BUDGETS["full"]["models"] if s["key"] == key)
+    model = build_model(spec, 0)
+    example = _images() if getattr(model, "needs_example_inputs", False) else None
+    prepared = prepare(METHODS["sgdg"], model, example_inputs=example)
+    counts = on_manifold(model, prepared.g_names)
+    assert (counts["weights"], counts["points"]) == (weights, points)
+    kinds = {type(model.get_parameter(n).manifold).__name__ for n in prepared.g_names}
+    assert kinds == {"Grassmann1Blocks"}
