@@ -6,7 +6,6 @@ needs no installed data set; one test reads the real files when they are install
 
 from __future__ import annotations
 
-import gzip
 import importlib.metadata
 import json
 import math
@@ -44,7 +43,10 @@ from comparisons.methods import hyperparameters as study_hyper
 from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
 from comparisons.train import angle_monitor, lr_drops, row_angles, train_run
 
+from .fake_fmnist import write_idx
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 ISSUE_LABELS = [
     "SGD",
     "SGD-G",
@@ -83,32 +85,6 @@ PEER_HYPER = {
 
 
 # ----------------------------------------------------------------------------- helpers
-def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
-    codes = {np.dtype(np.uint8): 0x08}
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(data, compresslevel=1))
-    else:
-        path.write_bytes(data)
-
-
-def fake_fashion_mnist(directory: Path, n_train: int = 600, n_test: int = 300) -> Path:
-    """Learnable fake data: one random blocky template per class, plus noise."""
-    rng = np.random.default_rng(0)
-    templates = rng.integers(0, 2, (10, 7, 7)).repeat(4, axis=1).repeat(4, axis=2) * 160
-    directory.mkdir(parents=True, exist_ok=True)
-    for stem, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        noise = rng.integers(0, 90, (n, 28, 28))
-        images = (templates[labels] + noise).astype(np.uint8)
-        write_idx(directory / f"{stem}-images-idx3-ubyte", images)
-        write_idx(directory / f"{stem}-labels-idx1-ubyte", labels)
-    return directory
-
-
 def numbers(obj, path="$"):
     """Every (path, number) in a JSON tree."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
@@ -121,20 +97,6 @@ def numbers(obj, path="$"):
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             yield from numbers(v, f"{path}[{i}]")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The studies are small: one thread avoids oversubscribing a shared 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory) -> Path:
-    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
 
 
 # --------------------------------------------------------------------- smoke, end to end

@@ -40,24 +40,12 @@ from rbn_geoopt import Grassmann1
 from rbn_geoopt.nn import find_scale_invariant, to_grassmann
 
 from .ground_truth import assert_no_false_positive, truly_block_invariant, truly_invariant
-from .test_comparisons import fake_fashion_mnist, numbers
+from .test_comparisons import numbers
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = ["SGD", "SGDP", "AdamW", "AdamP", "SGD-G", "Adam-G"]
 SMOKE = {spec["key"]: spec for spec in study_gn.BUDGETS["smoke"]["models"]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory) -> Path:
-    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist_gn"))
 
 
 def _images(n: int = 2, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from comparisons import __main__ as cli
 from comparisons import report, study_long
@@ -29,27 +28,14 @@ from comparisons.study_long import (
     summarize_method,
 )
 from comparisons.train import lr_drops
-from tests.test_comparisons import fake_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory) -> Path:
-    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist_long"))
-
-
-@pytest.fixture(scope="module")
-def data(fake_dir):
-    return load_fashion_mnist(fake_dir)
+def data(fake_data):
+    return load_fashion_mnist(fake_data)
 
 
 # ---------------------------------------------------------------------------- measures
@@ -183,14 +169,14 @@ def test_interrupted_study_leaves_finished_runs_readable(data, tmp_path):
 
 
 def test_cli_two_spawned_jobs_write_table_and_plot_with_one_process_numbers(
-    fake_dir, data, tmp_path
+    fake_data, data, tmp_path
 ):
     """``--jobs 2``: two spawned 1-thread workers give bit for bit the numbers of one
     process, and the CLI writes the table and the plot."""
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "comparisons", "--study", "long", "--smoke", "--jobs", "2"]
-        + ["--methods", "sgd,sgdg", "--data", str(fake_dir), "--out", str(out)]
+        + ["--methods", "sgd,sgdg", "--data", str(fake_data), "--out", str(out)]
         + ["--threads", "1", "--no-progress"],
         cwd=ROOT,
         capture_output=True,
@@ -218,8 +204,8 @@ def test_cli_two_spawned_jobs_write_table_and_plot_with_one_process_numbers(
         (["--study", "long", "--methods", "sgd,nope"], "unknown method name(s) 'nope'"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_exit_2(argv, message, fake_dir, tmp_path, capsys):
-    code = cli.main(argv + ["--data", str(fake_dir), "--out", str(tmp_path)])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, fake_data, tmp_path, capsys):
+    code = cli.main(argv + ["--data", str(fake_data), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,23 +22,10 @@ from comparisons import __main__ as cli
 from comparisons import merge, report, study_lr
 from comparisons.methods import METHODS
 from comparisons.study_lr import CHANCE, basin, log_grid_search
-from tests.test_comparisons import fake_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK_METHODS = "sgd,adamg"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fake_data(tmp_path_factory) -> Path:
-    return fake_fashion_mnist(tmp_path_factory.mktemp("fmnist_lr"))
 
 
 # ------------------------------------------------------------------------------ basin
