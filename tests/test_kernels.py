@@ -667,6 +667,40 @@ def test_every_isa_copy_agrees_with_torch():
 
 
 @needs_c
+@pytest.mark.parametrize("n", [1037, 40000])  # 4 blocks of 256 + 13; rows > 2^15 elements
+def test_long_float32_rows_in_every_isa_copy(n):
+    """float32 rows accumulate their dot products in float over blocks of 256 elements
+    (the block sums in double): long rows against the float64 composition, row by row
+    (relative to the row's norm), in every ISA copy; each row keeps its norm."""
+    crows = _fused._crows
+    default = crows.isa()
+    isas = ["baseline"] + [name for name in ("avx2",) if _isa_available(crows, name)]
+    y, g, m, v = random_state(41, shape=(5, n), ndim=1)
+    g = g / math.sqrt(n)  # steps of ~0.1-1 radian
+    y, g, m, v = _rounded(torch.float32, y, g, m, v)
+    ref_y, ref_tau = ref_sgdg(y, g, m, lr=0.5, momentum=0.9, ndim=1)
+    ref_ya, ref_m, ref_v = ref_adamg(y, g, m, v, step=3, lr=0.5, ndim=1, **ADAM)
+
+    def rowwise(a, ref):  # largest error of a row relative to the row's norm
+        return ((a.to(F64) - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+
+    try:
+        for name in isas:
+            crows.isa(name)
+            ys, ts, ya, ms, vs = (t.to(torch.float32) for t in (y, m, y, m, v))
+            gk = g.to(torch.float32)
+            sgdg_step_(ys, gk, ts, ndim=1, lr=0.5, momentum=0.9, backend="c")
+            adamg_step_(ya, gk, ms, vs, ndim=1, step=3, lr=0.5, backend="c", **ADAM)
+            for a, ref in ((ys, ref_y), (ts, ref_tau), (ya, ref_ya), (ms, ref_m)):
+                assert rowwise(a, ref) < 1e-6, name
+            assert _rel(vs, ref_v) < 1e-6, name
+            for a in (ys, ya):  # the norm of each point is kept
+                torch.testing.assert_close(a.to(F64).norm(dim=1), y.norm(dim=1), rtol=1e-6, atol=0)
+    finally:
+        crows.isa(default)
+
+
+@needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sum_squares_in_every_isa_copy(dtype, threads):

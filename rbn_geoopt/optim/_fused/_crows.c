@@ -128,16 +128,27 @@ static void adamg_coefficients(const struct dots *s, double hn2, double c, doubl
 }
 
 /* ------------------------------------------------------------------ row kernels */
+/* T: the element type; ACC, DOT_BLOCK: how pass 1 accumulates its dot products
+ * (_rows_impl.h): float32 rows in float over blocks of 256 elements, each block's sums
+ * added in double; float64 rows in double over the whole row (as before) */
 #define TARGET
 #define T float
+#define ACC float
+#define DOT_BLOCK 256
 #define FN(name) name##_f32_base
 #include "_rows_impl.h"
 #undef T
+#undef ACC
+#undef DOT_BLOCK
 #undef FN
 #define T double
+#define ACC double
+#define DOT_BLOCK INT64_MAX
 #define FN(name) name##_f64_base
 #include "_rows_impl.h"
 #undef T
+#undef ACC
+#undef DOT_BLOCK
 #undef FN
 #undef TARGET
 
@@ -146,14 +157,22 @@ static void adamg_coefficients(const struct dots *s, double hn2, double c, doubl
 #define HAVE_AVX2_COPIES 1
 #define TARGET __attribute__((target("avx2,fma")))
 #define T float
+#define ACC float
+#define DOT_BLOCK 256
 #define FN(name) name##_f32_avx2
 #include "_rows_impl.h"
 #undef T
+#undef ACC
+#undef DOT_BLOCK
 #undef FN
 #define T double
+#define ACC double
+#define DOT_BLOCK INT64_MAX
 #define FN(name) name##_f64_avx2
 #include "_rows_impl.h"
 #undef T
+#undef ACC
+#undef DOT_BLOCK
 #undef FN
 #undef TARGET
 #else

@@ -11,7 +11,8 @@
  * FN(step_rows) software-pipelines them over consecutive rows: the sweep that writes row i
  * (from cache) also accumulates the dot products of row i+1 (from memory), so the memory
  * streams stay busy, as in a single-pass elementwise update. `mom` may be NULL (SGD-G
- * without momentum); dot products are accumulated in double.
+ * without momentum). The dot products are summed in double: float64 rows directly,
+ * float32 rows in float over blocks of DOT_BLOCK elements (see DOT_END below).
  *
  * FN(check_rows) and FN(sum_squares) are the read-only passes of the step guard
  * (rbn_geoopt/optim/_guard.py): one sweep over the points and gradients of a G(1,n)
@@ -43,24 +44,39 @@ static TARGET void FN(sum_squares)(const T *restrict x, int64_t lo, int64_t hi, 
     *ss += total, *nf += zero;
 }
 
+/* The dot products of pass 1 are accumulated in ACC over blocks of at most DOT_BLOCK
+ * elements and each block's sums are added in double (both set by _crows.c per T). float:
+ * float partial sums (one per SIMD lane) over blocks of 256 elements, so that each adds
+ * at most 256 / lanes products (relative error ~1e-7, like torch's float32 dot products)
+ * while the row's total is a double sum however long the row. Converting every element
+ * to double, as before, halved the SIMD width and made the float32 kernel compute-bound
+ * (L2-resident rows of 4608: 0.49 -> 0.29 ns per element, AVX2, docs/design.md "The
+ * fused kernels"). double: one block of the whole row. */
+#define DOT_END(lo, n) ((n) - (lo) > DOT_BLOCK ? (lo) + DOT_BLOCK : (n))
+
 /* <y,y>, <y,g>, <g,g> and, when mom is not NULL, <m,m>, <m,y>, <m,g> of one row */
 static TARGET struct dots FN(row_dots)(const T *restrict y, const T *restrict g,
                                        const T *restrict mom, int64_t n)
 {
     double yy = 0, yg = 0, gg = 0, mm = 0, my = 0, mg = 0;
-    if (mom) {
-#pragma omp simd reduction(+ : yy, yg, gg, mm, my, mg)
-        for (int64_t j = 0; j < n; ++j) {
-            const double a = y[j], b = g[j], c = mom[j];
-            yy += a * a, yg += a * b, gg += b * b;
-            mm += c * c, my += c * a, mg += c * b;
+    for (int64_t lo = 0; lo < n; lo = DOT_END(lo, n)) {
+        const int64_t hi = DOT_END(lo, n);
+        ACC byy = 0, byg = 0, bgg = 0, bmm = 0, bmy = 0, bmg = 0;
+        if (mom) {
+#pragma omp simd reduction(+ : byy, byg, bgg, bmm, bmy, bmg)
+            for (int64_t j = lo; j < hi; ++j) {
+                const ACC a = y[j], b = g[j], c = mom[j];
+                byy += a * a, byg += a * b, bgg += b * b;
+                bmm += c * c, bmy += c * a, bmg += c * b;
+            }
+        } else {
+#pragma omp simd reduction(+ : byy, byg, bgg)
+            for (int64_t j = lo; j < hi; ++j) {
+                const ACC a = y[j], b = g[j];
+                byy += a * a, byg += a * b, bgg += b * b;
+            }
         }
-    } else {
-#pragma omp simd reduction(+ : yy, yg, gg)
-        for (int64_t j = 0; j < n; ++j) {
-            const double a = y[j], b = g[j];
-            yy += a * a, yg += a * b, gg += b * b;
-        }
+        yy += byy, yg += byg, gg += bgg, mm += bmm, my += bmy, mg += bmg;
     }
     const struct dots s = {yy, yg, gg, mm, my, mg};
     return s;
@@ -94,23 +110,28 @@ static TARGET struct dots FN(row_write_dots)(T *restrict y, const T *restrict g,
     const T k0 = (T)k[0], k1 = (T)k[1], k2 = (T)k[2], k3 = (T)k[3], k4 = (T)k[4],
             k5 = (T)k[5];
     double yy = 0, yg = 0, gg = 0, mm = 0, my = 0, mg = 0;
-    if (mom) {
-#pragma omp simd reduction(+ : yy, yg, gg, mm, my, mg)
-        for (int64_t j = 0; j < n; ++j) {
-            const double p = y2[j], q = g2[j], r = mom2[j];
-            yy += p * p, yg += p * q, gg += q * q;
-            mm += r * r, my += r * p, mg += r * q;
-            const T a = y[j], b = g[j], c = mom[j];
-            y[j] = k0 * a + k1 * c + k2 * b;
-            mom[j] = k3 * a + k4 * c + k5 * b;
+    for (int64_t lo = 0; lo < n; lo = DOT_END(lo, n)) {
+        const int64_t hi = DOT_END(lo, n);
+        ACC byy = 0, byg = 0, bgg = 0, bmm = 0, bmy = 0, bmg = 0;
+        if (mom) {
+#pragma omp simd reduction(+ : byy, byg, bgg, bmm, bmy, bmg)
+            for (int64_t j = lo; j < hi; ++j) {
+                const ACC p = y2[j], q = g2[j], r = mom2[j];
+                byy += p * p, byg += p * q, bgg += q * q;
+                bmm += r * r, bmy += r * p, bmg += r * q;
+                const T a = y[j], b = g[j], c = mom[j];
+                y[j] = k0 * a + k1 * c + k2 * b;
+                mom[j] = k3 * a + k4 * c + k5 * b;
+            }
+        } else {
+#pragma omp simd reduction(+ : byy, byg, bgg)
+            for (int64_t j = lo; j < hi; ++j) {
+                const ACC p = y2[j], q = g2[j];
+                byy += p * p, byg += p * q, bgg += q * q;
+                y[j] = k0 * y[j] + k2 * g[j];
+            }
         }
-    } else {
-#pragma omp simd reduction(+ : yy, yg, gg)
-        for (int64_t j = 0; j < n; ++j) {
-            const double p = y2[j], q = g2[j];
-            yy += p * p, yg += p * q, gg += q * q;
-            y[j] = k0 * y[j] + k2 * g[j];
-        }
+        yy += byy, yg += byg, gg += bgg, mm += bmm, my += bmy, mg += bmg;
     }
     const struct dots s = {yy, yg, gg, mm, my, mg};
     return s;
@@ -203,3 +224,4 @@ static TARGET void FN(check_rows)(const T *y, const T *g, int64_t lo, int64_t hi
         if (!(gg <= hi2 && gg * yy * yy <= glim2) && i < *bad_grad) *bad_grad = i;
     }
 }
+#undef DOT_END
