@@ -85,8 +85,8 @@ BUDGETS = {
     },
     "full": {
         "models": [
-            {"key": "gn_vgg", "model": _GN_VGG, "train": 3500, "test": 2000, "epochs": 3},
-            {"key": "qk_vit", "model": _QK_VIT, "train": 5000, "test": 2000, "epochs": 4},
+            {"key": "gn_vgg", "model": _GN_VGG, "train": 10000, "test": 5000, "epochs": 5},
+            {"key": "qk_vit", "model": _QK_VIT, "train": 10000, "test": 5000, "epochs": 5},
         ],
     },
 }
