@@ -7,7 +7,10 @@ one ``summary.md`` / ``results.json`` / plots, and the summary lists every run's
 wall time. A later run replaces a study, except study A runs (and runs of the study beyond
 BatchNorm, ``gn``, which has study A's structure) of the same models and budget
 with other seeds: their seeds are added (runs concatenated, medians and the baseline's
-error recomputed), and lr-study runs of the same budget and seeds: their methods are added.
+error recomputed), lr-study runs of the same budget and seeds: their methods are added, and
+long-study runs of the same budget and methods with other seeds: their seeds are added. The
+long study's summaries are always recomputed from its runs' logs (the measures of the
+current code).
 
 Example::
 
@@ -24,10 +27,11 @@ from pathlib import Path
 
 from . import report
 from .study_a import summarize_method
+from .study_long import merge_long, resummarize
 
 __all__ = ["merge_lr", "merge_results", "merge_study_a"]
 
-STUDY_ORDER = ("A", "sweep", "lr", "gn", "B", "C")
+STUDY_ORDER = ("A", "sweep", "lr", "gn", "long", "B", "C")
 
 
 def merge_results(runs: list[dict]) -> dict:
@@ -48,8 +52,12 @@ def merge_results(runs: list[dict]) -> dict:
                 merged[study] = merge_study_a(merged[study], value)
             elif study == "lr" and "lr" in merged:
                 merged["lr"] = merge_lr(merged["lr"], value)
+            elif study == "long" and "long" in merged:
+                merged["long"] = merge_long(merged["long"], value)
             elif study != "meta":
                 merged[study] = value
+    if "long" in merged:
+        resummarize(merged["long"])
     meta = dict(runs[0].get("meta", {}))
     meta["studies"] = [s for s in STUDY_ORDER if s in merged]
     if isinstance(merged.get("A"), dict) and "seeds" in merged["A"]:

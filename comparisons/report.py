@@ -371,9 +371,11 @@ def long_markdown(result: dict) -> list[str]:
         "images: transferred, not re-tuned). Final training loss: cross entropy of the final "
         "model on the whole training set (eval mode). After each drop: the training loss's "
         f"relative decrease from the {cfg['window']} steps before the drop to the "
-        f"{cfg['window']} steps ending {cfg['plateau_steps']} steps after it (%, higher: less "
-        "of a plateau), and the test error one epoch after the drop minus just before it "
-        "(points, lower is better). Medians over seeds.",
+        f"{cfg['window']} steps ending {cfg['plateau_steps']} steps after it (%: what the drop "
+        "itself gives); the relative decrease of the epoch-mean training loss over the rest "
+        "of the phase, from the first epoch at the new rate to the last before the next drop "
+        "(%: near 0 is a plateau, higher keeps learning); the test error one epoch after the "
+        "drop minus just before it (points, lower is better). Medians over seeds.",
         "",
         *long_time_lines(result),
         "",
@@ -384,7 +386,8 @@ def long_markdown(result: dict) -> list[str]:
         "test error % median (min–max)",
         "final train loss median (min–max)",
         f"epochs to {base}'s {_num(base_error)} %" if base else "epochs to SGD's error",
-        "loss decrease after drops (%)",
+        "loss decrease at each drop (%)",
+        "loss decrease over each phase (%)",
         "test error change after drops (pt)",
         "min / run",
     ]
@@ -406,6 +409,7 @@ def long_markdown(result: dict) -> list[str]:
                 f"{s['final_train_loss_max']:.4f})",
                 NONE if s["epochs_to_baseline"] is None else str(s["epochs_to_baseline"]),
                 " / ".join(_num(d["loss_decrease_pct"], 1) for d in s["drops"]),
+                " / ".join(_num(d.get("phase_decrease_pct"), 1) for d in s["drops"]),
                 " / ".join(_pct(d["error_change"]) for d in s["drops"]),
                 _num(s["seconds_per_run"] / 60, 1),
             ]

@@ -14,9 +14,11 @@ one measure each (:func:`summarize_method`):
   eval mode (and the last epoch's running mean);
 * **the plateau after each LR drop**: the relative decrease of the training loss from the
   ``window`` steps before the drop to the ``window`` steps ending ``plateau_steps`` steps
-  after it, ``100 (before - after) / before`` (a method that keeps learning after a drop
-  scores high), and the test error one epoch after the drop minus the test error just
-  before it (points; negative is better);
+  after it, ``100 (before - after) / before`` (how much the drop itself gives); the
+  relative decrease of the epoch-mean training loss over the rest of the phase, from the
+  first epoch at the new rate to the last one before the next drop (or the end): a plateau
+  scores near 0, a method that keeps learning scores high; and the test error one epoch
+  after the drop minus the test error just before it (points; negative is better);
 * **epochs to reach SGD's final error**: the first epoch at which the method's median
   test-error curve is at or below SGD's final median error.
 
@@ -53,7 +55,10 @@ __all__ = [
     "DEFAULT_METHODS",
     "FRACTIONS",
     "check_budget",
+    "merge_long",
     "drop_measures",
+    "phase_decrease",
+    "resummarize",
     "run_long_study",
     "summarize_method",
 ]
@@ -178,13 +183,50 @@ def drop_measures(
     return out
 
 
+def phase_decrease(epoch_loss: list[float], drops: list[int]) -> list[float | None]:
+    """Per drop, ``100 (L[d] - L[last]) / L[d]``: the relative decrease of the epoch-mean
+    training loss ``L`` from the first epoch at the new rate ``d`` to the last epoch before
+    the next drop (or the last epoch); None when the phase has a single epoch.
+
+    >>> phase_decrease([3.0, 2.0, 1.0, 0.9, 0.8, 0.8], [2, 4])
+    [10.0, 0.0]
+    """
+    ends = [*drops[1:], len(epoch_loss)]
+    out: list[float | None] = []
+    for d, end in zip(drops, ends, strict=True):
+        last = min(end, len(epoch_loss)) - 1
+        out.append(100.0 * (epoch_loss[d] - epoch_loss[last]) / epoch_loss[d] if last > d else None)
+    return out
+
+
 def _median_or_none(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return statistics.median(kept) if kept else None
 
 
-def summarize_method(runs: list[dict], baseline_error: float | None) -> dict:
-    """The table row of one method from its finished runs (diverged runs counted apart)."""
+_DROP_KEYS = ("loss_decrease_pct", "phase_decrease_pct", "error_change")
+
+
+def _run_drops(run: dict, drops: list[int], config: dict) -> list[dict]:
+    """:func:`drop_measures` and :func:`phase_decrease` of one finished run."""
+    measures = drop_measures(
+        run["step_loss"],
+        run["test_error"],
+        drops,
+        run["steps_per_epoch"],
+        config["plateau_steps"],
+        config["window"],
+    )
+    phases = phase_decrease(run["train_loss"], drops)
+    return [{**m, "phase_decrease_pct": p} for m, p in zip(measures, phases, strict=True)]
+
+
+def summarize_method(
+    runs: list[dict], baseline_error: float | None, drops: list[int], config: dict
+) -> dict:
+    """The table row of one method from its finished runs (diverged runs counted apart);
+    every measure is computed here from the runs' logs (``step_loss``, ``train_loss``,
+    ``test_error``), with ``config``'s ``window`` and ``plateau_steps``."""
     done = [r for r in runs if not r.get("diverged")]
     summary: dict = {"runs": len(runs), "diverged": len(runs) - len(done)}
     if not done:
@@ -195,7 +237,7 @@ def summarize_method(runs: list[dict], baseline_error: float | None) -> dict:
     reach = None
     if baseline_error is not None:
         reach = next((i + 1 for i, e in enumerate(curve) if e <= baseline_error), None)
-    n_drops = min(len(r["drops"]) for r in done)
+    per_run = [_run_drops(r, drops, config) for r in done]
     summary.update(
         {
             "test_error_median": statistics.median(finals),
@@ -209,13 +251,10 @@ def summarize_method(runs: list[dict], baseline_error: float | None) -> dict:
             "epochs_to_baseline": reach,
             "drops": [
                 {
-                    "epoch": done[0]["drops"][k]["epoch"],
-                    "loss_decrease_pct": _median_or_none(
-                        [r["drops"][k]["loss_decrease_pct"] for r in done]
-                    ),
-                    "error_change": _median_or_none([r["drops"][k]["error_change"] for r in done]),
+                    "epoch": d,
+                    **{key: _median_or_none([m[k][key] for m in per_run]) for key in _DROP_KEYS},
                 }
-                for k in range(n_drops)
+                for k, d in enumerate(drops)
             ],
             "seconds_per_run": statistics.median(r["seconds"] for r in done),
             "cpu_seconds_per_run": statistics.median(r["cpu_seconds"] for r in done),
@@ -270,14 +309,6 @@ def _one_run(key: str, seed: int, lrs: dict, budget: dict, device: str) -> dict:
         "step_loss": log["step_loss"],
         "final_train_loss": log["final_train_loss"],
         "final_train_error": log["final_train_error"],
-        "drops": drop_measures(
-            log["step_loss"],
-            log["test_error"],
-            drops,
-            steps_per_epoch,
-            budget["plateau_steps"],
-            budget["window"],
-        ),
         "steps_per_epoch": steps_per_epoch,
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
@@ -311,6 +342,32 @@ def _result(
     return out
 
 
+def resummarize(out: dict) -> dict:
+    """Recompute every summary of a long-study result from its runs' logs (after merging
+    runs, or with a newer version of the measures); returns ``out``, changed in place."""
+    _summarize(out)
+    return out
+
+
+def merge_long(a: dict, b: dict) -> dict:
+    """The long study with the seeds of ``a`` and ``b`` when both ran the same budget and
+    methods with disjoint seeds (runs concatenated, summaries recomputed), else ``b``."""
+    same = (
+        a.get("config") == b.get("config")
+        and a.get("drops") == b.get("drops")
+        and set(a["methods"]) == set(b["methods"])
+        and not set(a["seeds"]) & set(b["seeds"])
+    )
+    if not same:
+        return b
+    out = {**a, "seeds": sorted([*a["seeds"], *b["seeds"]]), "methods": {}}
+    for label, entry in a["methods"].items():
+        out["methods"][label] = {**entry, "runs": entry["runs"] + b["methods"][label]["runs"]}
+    out["seconds"] = a.get("seconds", 0.0) + b.get("seconds", 0.0)
+    out["cpu_seconds"] = a.get("cpu_seconds", 0.0) + b.get("cpu_seconds", 0.0)
+    return resummarize(out)
+
+
 def _summarize(out: dict) -> None:
     by_key = {v["key"]: v for v in out["methods"].values()}
     base = by_key.get("sgd")
@@ -322,7 +379,7 @@ def _summarize(out: dict) -> None:
     out["baseline_error"] = base_error
     for entry in out["methods"].values():
         entry["runs"].sort(key=lambda r: r["seed"])
-        entry["summary"] = summarize_method(entry["runs"], base_error)
+        entry["summary"] = summarize_method(entry["runs"], base_error, out["drops"], out["config"])
 
 
 def run_long_study(
@@ -348,6 +405,7 @@ def run_long_study(
     jobs = budget["jobs"] if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    out["jobs"], out["threads"] = jobs, threads if jobs > 1 else torch.get_num_threads()
     tasks = [
         (m.key, seed, out["methods"][m.label]["lrs"], budget, str(device))
         for seed in seeds
@@ -382,6 +440,5 @@ def run_long_study(
             for future in as_completed(futures):
                 finish(future.result())
     bar.close()
-    out["jobs"], out["threads"] = jobs, threads if jobs > 1 else torch.get_num_threads()
     _summarize(out)
     return out

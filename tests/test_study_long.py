@@ -24,6 +24,8 @@ from comparisons.study_long import (
     CHOSEN_LRS,
     FRACTIONS,
     drop_measures,
+    merge_long,
+    phase_decrease,
     run_long_study,
     summarize_method,
 )
@@ -57,34 +59,51 @@ def test_drop_measures_too_short_gives_none_not_a_number():
     assert out == [{"epoch": 1, "loss_decrease_pct": None, "error_change": None}]
 
 
-def _run(seed, errors, final_loss, drops=None):
+def _run(seed, errors, final_loss, epoch_loss):
+    """A finished run of 3 epochs, 2 steps an epoch: step losses (2, 2 | s, s | 1, 1) with
+    ``s = 2 - seed / 10``, so the drop at epoch 1 gives a decrease of ``5 * seed`` %."""
+    s = 2.0 - seed / 10.0
     return {
         "seed": seed,
         "test_error": errors,
-        "train_loss": [1.0] * len(errors),
+        "train_loss": epoch_loss,
+        "step_loss": [2.0, 2.0, s, s, 1.0, 1.0],
+        "steps_per_epoch": 2,
         "final_train_loss": final_loss,
-        "drops": drops or [{"epoch": 1, "loss_decrease_pct": 10.0 * seed, "error_change": -1.0}],
         "seconds": 60.0,
         "cpu_seconds": 59.0,
     }
 
 
-def test_summary_medians_reach_and_divergence():
+CONFIG = {"window": 1, "plateau_steps": 1}
+
+
+def test_summary_medians_reach_drops_and_divergence():
     runs = [
-        _run(0, [30.0, 20.0, 12.0], 0.3),
-        _run(1, [28.0, 18.0, 10.0], 0.2),
-        _run(2, [35.0, 22.0, 11.0], 0.1),
+        _run(0, [30.0, 20.0, 12.0], 0.3, [2.0, 1.5, 1.2]),
+        _run(1, [28.0, 18.0, 10.0], 0.2, [2.0, 1.5, 1.5]),
+        _run(2, [35.0, 22.0, 11.0], 0.1, [2.0, 1.0, 0.9]),
         {"seed": 3, "diverged": "loss became nan", "seconds": 1.0},
     ]
-    s = summarize_method(runs, baseline_error=18.5)
+    s = summarize_method(runs, 18.5, [1], CONFIG)
     assert s["runs"] == 4 and s["diverged"] == 1
     assert (s["test_error_median"], s["test_error_min"], s["test_error_max"]) == (11, 10, 12)
     assert s["test_error_curve_median"] == [30.0, 20.0, 11.0]
     assert s["epochs_to_baseline"] == 3  # the median curve is 20 > 18.5 after epoch 2
     assert s["final_train_loss_median"] == 0.2
-    assert s["drops"] == [{"epoch": 1, "loss_decrease_pct": 10.0, "error_change": -1.0}]
-    assert summarize_method(runs, baseline_error=5.0)["epochs_to_baseline"] is None
-    assert summarize_method(runs[3:], 5.0) == {"runs": 1, "diverged": 1}
+    # loss decrease at the drop: 0, 5, 10 % -> 5; over the phase (epochs 1..2): 20, 0, 10 %
+    # -> 10; test error change after it: -10, -10, -13 -> -10
+    (drop,) = s["drops"]
+    assert drop["epoch"] == 1 and drop["error_change"] == -10.0
+    assert drop["loss_decrease_pct"] == pytest.approx(5.0)
+    assert drop["phase_decrease_pct"] == pytest.approx(10.0)
+    assert summarize_method(runs, 5.0, [1], CONFIG)["epochs_to_baseline"] is None
+    assert summarize_method(runs[3:], 5.0, [1], CONFIG) == {"runs": 1, "diverged": 1}
+
+
+def test_phase_decrease_by_hand():
+    assert phase_decrease([4.0, 2.0, 1.0, 0.5, 0.5], [1, 3]) == [50.0, 0.0]
+    assert phase_decrease([4.0, 2.0, 1.0], [2]) == [None]  # a one-epoch phase
 
 
 def test_schedule_is_the_papers_scaled_and_rates_are_the_lr_studys():
@@ -221,3 +240,33 @@ def test_long_flag_selects_the_long_study_only():
     assert cli.parse_studies(None, False, long=True) == ["long"]
     assert cli.parse_studies("A", False, long=True) == ["A", "long"]
     assert cli.parse_studies(None, False) == ["A", "B", "C"]
+
+
+def test_merge_adds_seeds_and_recomputes_summaries(data, tmp_path):
+    """Two runs of the same budget with seeds 0 and 1 merge into the study of seeds [0, 1]
+    (what one run with both gives), through ``python -m comparisons.merge`` too."""
+    methods = [METHODS["sgd"], METHODS["sgdg"]]
+    budget = BUDGETS["smoke"]
+    both = run_long_study(budget, data, methods, [0, 1], progress=False)
+    one = run_long_study(budget, data, methods, [0], progress=False)
+    two = run_long_study(budget, data, methods, [1], progress=False)
+    merged = merge_long(json.loads(json.dumps(one)), json.loads(json.dumps(two)))
+    assert merged["seeds"] == [0, 1]
+    assert _strip(merged) == _strip(json.loads(json.dumps(both)))
+    timing = ("seconds_per_run", "cpu_seconds_per_run")
+    for label in ("SGD", "SGD-G"):
+        got, want = merged["methods"][label]["summary"], both["methods"][label]["summary"]
+        assert {k: v for k, v in got.items() if k not in timing} == pytest.approx(
+            {k: v for k, v in want.items() if k not in timing}
+        )
+    assert merge_long(one, one) is one  # the same seeds: the later run replaces
+    files = []
+    for i, result in enumerate((one, two)):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps({"meta": {"mode": "smoke", "command": f"r{i}"}, "long": result}))
+        files.append(str(path))
+    from comparisons import merge
+
+    assert merge.main([str(tmp_path / "out"), *files]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Long budget" in summary and "seeds [0, 1]" in summary
