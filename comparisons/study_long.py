@@ -188,8 +188,8 @@ def phase_decrease(epoch_loss: list[float], drops: list[int]) -> list[float | No
     training loss ``L`` from the first epoch at the new rate ``d`` to the last epoch before
     the next drop (or the last epoch); None when the phase has a single epoch.
 
-    >>> phase_decrease([3.0, 2.0, 1.0, 0.9, 0.8, 0.8], [2, 4])
-    [10.0, 0.0]
+    >>> phase_decrease([4.0, 3.0, 2.0, 1.0, 0.5, 0.5], [2, 4])
+    [50.0, 0.0]
     """
     ends = [*drops[1:], len(epoch_loss)]
     out: list[float | None] = []
