@@ -248,7 +248,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         "meta": {
             "mode": args.mode,
             "studies": studies,
-            "seeds": seeds,
+            # a run of the long study alone: its seeds (its budget's, unless --seeds)
+            "seeds": study_long.BUDGETS[args.mode]["seeds"]
+            if studies == ["long"] and args.seeds is None
+            else seeds,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),

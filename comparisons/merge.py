@@ -62,6 +62,8 @@ def merge_results(runs: list[dict]) -> dict:
     meta["studies"] = [s for s in STUDY_ORDER if s in merged]
     if isinstance(merged.get("A"), dict) and "seeds" in merged["A"]:
         meta["seeds"] = merged["A"]["seeds"]  # the seeds of the headline table
+    elif isinstance(merged.get("long"), dict):
+        meta["seeds"] = merged["long"]["seeds"]
     meta["runs"] = [
         {
             "command": run.get("meta", {}).get("command"),

@@ -389,7 +389,7 @@ def long_markdown(result: dict) -> list[str]:
         "loss decrease at each drop (%)",
         "loss decrease over each phase (%)",
         "test error change after drops (pt)",
-        "min / run",
+        "min / run, wall (CPU)",
     ]
     rows = []
     for label, entry in result["methods"].items():
@@ -411,7 +411,7 @@ def long_markdown(result: dict) -> list[str]:
                 " / ".join(_num(d["loss_decrease_pct"], 1) for d in s["drops"]),
                 " / ".join(_num(d.get("phase_decrease_pct"), 1) for d in s["drops"]),
                 " / ".join(_pct(d["error_change"]) for d in s["drops"]),
-                _num(s["seconds_per_run"] / 60, 1),
+                f"{_num(s['seconds_per_run'] / 60, 1)} ({_num(s['cpu_seconds_per_run'] / 60, 1)})",
             ]
         )
     lines += _table(header, rows) + [""]
@@ -432,6 +432,8 @@ def plot_long(result: dict, out: Path) -> list[Path]:
         window = max(1, per_epoch // 10)
         smooth = _smooth(loss, window)
         x = [(i + 1) / per_epoch for i in range(len(smooth))]
+        if len(smooth) > 2 * per_epoch:  # from epoch 1 on: the first epoch squeezes the rest
+            x, smooth = x[per_epoch:], smooth[per_epoch:]
         style = ":" if entry.get("key") in PEERS else "-"
         ax_loss.plot(x, smooth, style, lw=1, label=label)
         curve = entry["summary"]["test_error_curve_median"]
@@ -443,7 +445,7 @@ def plot_long(result: dict, out: Path) -> list[Path]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     ax_loss.set_yscale("log")
-    ax_loss.set_ylabel("training loss per step (median over seeds, smoothed)")
+    ax_loss.set_ylabel("training loss per step (median, smoothed)")
     ax_err.set_ylabel("test error % (median over seeds)")
     handles, labels = ax_loss.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7, frameon=False)

@@ -47,13 +47,12 @@ METHOD_KEYS = ("sgd", "sgdp", "adamw", "adamp", "sgdg", "adamg")
 _GN_VGG = {"name": "gn_vgg", "widths": (16, 32, 64, 64), "groups": 4}
 _QK_VIT = {"name": "qk_vit", "dim": 32, "heads": 2, "layers": 2, "patch": 7, "mlp": 64}
 
-#: Sizes per mode. ``--full``: the six methods x seeds 0, 1 on both models. Measured once
-#: (``python -m comparisons --full --study gn``, 2 threads, on the project's 2-core machine
-#: shared with other work, load average 5-7, before the block manifold was merged, so
-#: SGD-G/Adam-G were plain SGD then): 797 s wall, 640 s CPU; the GroupNorm
-#: net 542 s of training (21-91 s a run, 2-9 ms a training image), the transformer 150 s
-#: (6-23 s a run). A third seed (``--seeds 0,1,2``) adds half of that. ``--quick`` is a
-#: tenth of the images, one seed; ``--smoke`` a few batches of tiny models (CI).
+#: Sizes per mode. ``--full``: the six methods x seeds 0, 1 (``--seeds 0,1,2`` for the
+#: README's table) on both models, 10,000 training / 5,000 test images, 5 epochs. Measured
+#: (``python -m comparisons --full --study gn --seeds 0,1,2 --threads 1``, on the project's
+#: 2-core machine at low priority beside another study): 917 s of CPU time on one thread
+#: (2,655 s of wall time under that load). ``--quick`` is a tenth of the images, one seed;
+#: ``--smoke`` a few batches of tiny models (CI).
 BUDGETS = {
     "smoke": {
         "models": [
