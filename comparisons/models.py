@@ -43,19 +43,22 @@ class VGGNet(nn.Module):
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64), n_classes: int = 10) -> None:
         super().__init__()
         if len(widths) != 4 or any(int(w) < 1 for w in widths):
-            raise ValueError(f"VGGNet needs 4 positive widths, got {widths}")
+            raise ValueError(f"{type(self).__name__} needs 4 positive widths, got {widths}")
         w1, w2, w3, w4 = (int(w) for w in widths)
         self.features = nn.Sequential(
-            *_conv_bn_relu(1, w1),
-            *_conv_bn_relu(w1, w2),
+            *self._conv_norm_relu(1, w1),
+            *self._conv_norm_relu(w1, w2),
             nn.MaxPool2d(2),
-            *_conv_bn_relu(w2, w3),
+            *self._conv_norm_relu(w2, w3),
             nn.MaxPool2d(2),
-            *_conv_bn_relu(w3, w4),
+            *self._conv_norm_relu(w3, w4),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
         self.classifier = nn.Linear(w4, n_classes)
+
+    def _conv_norm_relu(self, c_in: int, c_out: int) -> list[nn.Module]:
+        return _conv_bn_relu(c_in, c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -118,7 +121,7 @@ def _conv_gn_relu(c_in: int, c_out: int, groups: int) -> list[nn.Module]:
     ]
 
 
-class GNVGGNet(nn.Module):
+class GNVGGNet(VGGNet):
     """:class:`VGGNet` with ``GroupNorm(groups, C)`` in place of every BatchNorm (convs
     without bias, same widths, pooling and classifier).
 
@@ -138,27 +141,13 @@ class GNVGGNet(nn.Module):
     def __init__(
         self, widths: tuple[int, ...] = (16, 32, 64, 64), groups: int = 4, n_classes: int = 10
     ) -> None:
-        super().__init__()
-        if len(widths) != 4 or any(int(w) < 1 for w in widths):
-            raise ValueError(f"GNVGGNet needs 4 positive widths, got {widths}")
         if int(groups) < 1 or any(int(w) % int(groups) for w in widths):
             raise ValueError(f"GNVGGNet: every width of {widths} must be a multiple of {groups}")
-        w1, w2, w3, w4 = (int(w) for w in widths)
-        g = int(groups)
-        self.features = nn.Sequential(
-            *_conv_gn_relu(1, w1, g),
-            *_conv_gn_relu(w1, w2, g),
-            nn.MaxPool2d(2),
-            *_conv_gn_relu(w2, w3, g),
-            nn.MaxPool2d(2),
-            *_conv_gn_relu(w3, w4, g),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.classifier = nn.Linear(w4, n_classes)
+        self.groups = int(groups)
+        super().__init__(widths, n_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+    def _conv_norm_relu(self, c_in: int, c_out: int) -> list[nn.Module]:
+        return _conv_gn_relu(c_in, c_out, self.groups)
 
 
 class _QKNormAttention(nn.Module):
