@@ -14,7 +14,7 @@ Examples::
     python -m comparisons --study lr            # LR sensitivity, CI size (< 30 s)
     python -m comparisons --study lr --full --methods sgd,sgdg --threads 1
     python -m comparisons --study gn --full     # beyond BatchNorm: GroupNorm, QK-norm
-    python -m comparisons --long                # the long budget (about 70 min, 2 jobs)
+    python -m comparisons --long                # the long budget (about 1 h, 2 jobs)
     python -m comparisons --long --methods sgd,sgdg --seeds 0 --jobs 1
 
 Study ``gn`` runs only its own methods (``comparisons.study_gn.METHOD_KEYS``: sgd, sgdp,
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--long",
         action="store_true",
         help="the long budget: --study long --full (60k images, 15 epochs, 3 seeds, 6 methods "
-        "at the learning rates the lr study chose; about 70 min as 2 jobs on 2 idle cores)",
+        "at the learning rates the lr study chose; about an hour as 2 jobs on 2 idle cores: "
+        "116 CPU-minutes measured)",
     )
     p.add_argument(
         "--sweep",

@@ -91,10 +91,10 @@ DEFAULT_METHODS = ("sgd", "sgdp", "adamw", "adamp", "sgdg", "adamg")
 _TINY = {"name": "vgg", "widths": (4, 8, 8, 8)}
 #: ``full``: the whole training set (60,000 images) and test set, 15 epochs, 3 seeds by
 #: default; VGG with half study A's widths (16k parameters), so that the 6 default methods x
-#: 3 seeds (18 runs of 900,000 training images) fit in about 70 min as two 1-thread
-#: processes on 2 idle cores (measured training throughput on the project machine: about
-#: 2,400 images/s per process; the final evaluation of the training set adds a third of an
-#: epoch). ``smoke`` and ``quick`` are the CI sizes.
+#: 3 seeds (18 runs of 900,000 training images) fit in about an hour as two 1-thread
+#: processes on 2 idle cores. Measured (``python -m comparisons --long``, 2026-12-02, torch
+#: 2.13 CPU): 116 min of CPU time in all, 6.1-6.8 min a run; 91.6 min of wall time on the
+#: project's 2-core machine shared with other work. ``smoke`` and ``quick`` are the CI sizes.
 BUDGETS = {
     "smoke": {
         "model": _TINY,
