@@ -110,6 +110,37 @@ def test_batched_equals_one_tensor_at_a_time(dtype, nu):
     assert not slice_spec.is_contiguous() and (slice_spec._base[:, 3:] == 0).all()
 
 
+def test_block_cap_splits_blocks_and_changes_no_bit(monkeypatch):
+    """Uncapped, the 12 tensors of shape (4, 3) form one block; with a cap of 40 elements
+    they form blocks of 3 in order (a 100-element tensor one of its own), and every tensor
+    steps exactly as uncapped."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 3)] * 7 + [(25, 4)] + [(4, 3)] * 5
+    ys = [torch.randn(s, dtype=F64, generator=gen) for s in shapes]
+    ns = [s[1] for s in shapes]
+    fams = torch_twin._families(ys, ns, lambda i: (), lambda i: ())
+    whole = {k: v for f in fams.values() for k, v in f.items()}
+    assert sorted(whole.values()) == [[0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12], [7]]
+    monkeypatch.setitem(torch_twin.BLOCK_CAP, "cpu", 40)
+    fams = torch_twin._families(ys, ns, lambda i: (), lambda i: ())
+    capped = sorted(v for f in fams.values() for v in f.values())
+    assert capped == [[0, 1, 2], [3, 4, 5], [6, 8, 9], [7], [10, 11, 12]]
+    runs = []
+    for cap in (40, 1 << 20):
+        monkeypatch.setitem(torch_twin.BLOCK_CAP, "cpu", cap)
+        y = [t.clone() for t in ys]
+        g = [
+            1e-2 * torch.randn(s, dtype=F64, generator=torch.Generator().manual_seed(6))
+            for s in shapes
+        ]
+        m = [torch.zeros(s, dtype=F64) for s in shapes]
+        v = [torch.zeros(s[0], dtype=F64) for s in shapes]
+        torch_twin.sgdg_many_(y, g, m, ns, lr=0.3, momentum=0.9)
+        torch_twin.adamg_many_(y, g, m, v, ns, [0.1] * len(shapes), **ADAM)
+        runs.append(y + m + v)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
 @pytest.mark.skipif(_fused._crows is None, reason="C extension not built")
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_batched_equals_the_c_kernel(dtype):

@@ -37,7 +37,8 @@ family are computed once, the new rows are ``sum_i K[:, i] X[i]``, and one ``spl
 block plus one ``torch._foreach_copy_`` per family write them back in place (strided
 tensors included). On ResNet-18's 20 conv weights a step of SGDG / AdamG, guard included,
 issues 10.8 / 13.9 top-level aten ops per tensor (was ~150); a block's temporaries are
-about 10 times its size (docs/design.md, "The fused kernels").
+about 10 times its size, so a block is closed before it exceeds :data:`BLOCK_CAP` elements
+(docs/design.md, "The fused kernels").
 
 The optimizers' step guard has refused zero, non-finite and out-of-range rows before this
 runs; a row whose ``<y, y>`` is not positive and finite or whose gradient is not finite is
@@ -80,14 +81,30 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------ layout
+#: The most elements one block lays out, per device type (others: ``"cuda"``'s). A block's
+#: temporaries are about 10 times its size: on CPU a cap of 2^20 elements keeps every one
+#: of them under glibc's 32 MB threshold above which each allocation is mapped afresh (and
+#: page-faulted) every step; on a GPU 2^23 bounds them to about 10 x 32 MiB in float32.
+#: A tensor larger than the cap is a block of its own.
+BLOCK_CAP = {"cpu": 1 << 20, "cuda": 1 << 23}
+
+
 def _families(ys, ns, family, block) -> dict[tuple, dict[tuple, list[int]]]:
     """Indices of the non-empty tensors, by family key ``family(i)`` then block key
-    ``(shape[1:], n, *block(i))``; tensors keep their order inside a block."""
+    ``(shape[1:], n, *block(i), chunk)``: tensors keep their order, and a block is closed
+    (``chunk + 1``) before it would exceed :data:`BLOCK_CAP` elements."""
     out: dict[tuple, dict[tuple, list[int]]] = {}
+    filled: dict[tuple, tuple[int, int]] = {}  # (family, key) -> (chunk, elements in it)
     for i, (y, n) in enumerate(zip(ys, ns, strict=True)):
         if n == 0 or y.numel() // n == 0:
             continue
-        out.setdefault(family(i), {}).setdefault((y.shape[1:], n, *block(i)), []).append(i)
+        fam, key = family(i), (y.shape[1:], n, *block(i))
+        cap = BLOCK_CAP.get(y.device.type, BLOCK_CAP["cuda"])
+        chunk, size = filled.get((fam, key), (0, 0))
+        if size and size + y.numel() > cap:
+            chunk, size = chunk + 1, 0
+        filled[(fam, key)] = (chunk, size + y.numel())
+        out.setdefault(fam, {}).setdefault((*key, chunk), []).append(i)
     return out
 
 
