@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UsageError(str(err)) from None
     if "long" in studies:
         try:
-            study_long.check_budget(study_long.BUDGETS[args.mode], len(data[0]))
+            study_long.check_budget(study_long.budget_for(args.mode, device), len(data[0]))
         except ValueError as err:
             raise UsageError(str(err)) from None
 
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "mode": args.mode,
             "studies": studies,
             # a run of the long study alone: its seeds (its budget's, unless --seeds)
-            "seeds": study_long.BUDGETS[args.mode]["seeds"]
+            "seeds": study_long.budget_for(args.mode, device)["seeds"]
             if studies == ["long"] and args.seeds is None
             else seeds,
             "device": str(device),
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 results["meta"]["seconds"] = time.perf_counter() - start
                 report.write_all({**results, "long": partial}, out, plots=())
 
-            budget = study_long.BUDGETS[args.mode]
+            budget = study_long.budget_for(args.mode, device)
             results["long"] = study_long.run_long_study(
                 budget,
                 data,

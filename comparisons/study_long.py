@@ -54,6 +54,7 @@ __all__ = [
     "CHOSEN_LRS",
     "DEFAULT_METHODS",
     "FRACTIONS",
+    "budget_for",
     "check_budget",
     "merge_long",
     "drop_measures",
@@ -131,6 +132,25 @@ BUDGETS = {
         "seeds": [0, 1, 2],
     },
 }
+
+
+#: ``--long --device cuda``: the same protocol (data, epochs, schedule, seeds, rates) with
+#: study A's VGG at 4x its widths (about 1M parameters), one process: the GPU run beside the
+#: CPU table. Prepared, not yet run (no GPU has been available to this project).
+BUDGETS["gpu"] = {
+    **BUDGETS["full"],
+    "model": {"name": "vgg", "widths": (64, 128, 256, 256)},
+    "jobs": 1,
+}
+
+
+def budget_for(mode: str, device: str | torch.device) -> dict:
+    """The budget of ``mode`` on ``device``: ``"gpu"`` for ``--full`` on CUDA.
+
+    >>> budget_for("full", "cuda")["model"]["widths"], budget_for("full", "cpu")["jobs"]
+    ((64, 128, 256, 256), 2)
+    """
+    return BUDGETS["gpu" if mode == "full" and torch.device(device).type == "cuda" else mode]
 
 
 def check_budget(budget: dict, n_train: int) -> None:

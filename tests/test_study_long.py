@@ -236,6 +236,17 @@ def test_budget_that_cannot_fit_is_refused(data):
         study_long.check_budget({**BUDGETS["smoke"], "epochs": 1}, len(data[0]))
 
 
+def test_gpu_budget_is_the_same_protocol_with_a_wider_net():
+    gpu, cpu = study_long.budget_for("full", "cuda"), study_long.budget_for("full", "cpu")
+    assert cpu is BUDGETS["full"] and study_long.budget_for("quick", "cuda") is BUDGETS["quick"]
+    same = ("train", "test", "epochs", "batch_size", "plateau_steps", "window", "seeds")
+    assert all(gpu[k] == cpu[k] for k in same)
+    assert gpu["model"]["name"] == cpu["model"]["name"] == "vgg"
+    assert all(
+        a == 8 * b for a, b in zip(gpu["model"]["widths"], cpu["model"]["widths"], strict=True)
+    )
+
+
 def test_long_flag_selects_the_long_study_only():
     assert cli.parse_studies(None, False, long=True) == ["long"]
     assert cli.parse_studies("A", False, long=True) == ["A", "long"]
