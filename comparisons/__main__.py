@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 STUDIES = ("A", "sweep", "lr", "gn", "B", "C", "long")
@@ -244,15 +245,17 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UsageError(str(err)) from None
 
     progress = not args.no_progress
+    # the long study's seeds: its budget's, unless --seeds
+    long_seeds = (
+        seeds if args.seeds is not None else study_long.budget_for(args.mode, device)["seeds"]
+    )
     start = time.perf_counter()
     results: dict = {
         "meta": {
             "mode": args.mode,
             "studies": studies,
-            # a run of the long study alone: its seeds (its budget's, unless --seeds)
-            "seeds": study_long.budget_for(args.mode, device)["seeds"]
-            if studies == ["long"] and args.seeds is None
-            else seeds,
+            # a run of the long study alone: its seeds
+            "seeds": long_seeds if studies == ["long"] else seeds,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
@@ -266,6 +269,17 @@ def run(args: argparse.Namespace) -> list[Path]:
         }
     }
     files: list[Path] = []
+
+    def save_partial(study: str, plots: tuple[str, ...] = ()) -> Callable[[dict], None]:
+        """A callback that writes the summary with ``study``'s result so far: the finished
+        part of a long study survives an interrupt."""
+
+        def write(partial: dict) -> None:
+            results["meta"]["seconds"] = time.perf_counter() - start
+            report.write_all({**results, study: partial}, out, plots=plots)
+
+        return write
+
     for study in studies:
         t0, c0 = time.perf_counter(), time.process_time()
         if study == "A":
@@ -275,42 +289,32 @@ def run(args: argparse.Namespace) -> list[Path]:
             budget = study_a.BUDGETS[args.mode]
             results["sweep"] = study_a.run_sweep(budget, data, methods, seeds, device, progress)
         elif study == "lr":
-
-            def checkpoint(partial: dict) -> None:  # finished methods survive an interrupt
-                results["meta"]["seconds"] = time.perf_counter() - start
-                report.write_all({**results, "lr": partial}, out, plots=("lr",))
-
             budget = study_lr.BUDGETS[args.mode]
             results["lr"] = study_lr.run_lr_study(
-                budget, data, methods, seeds, device, progress, on_method=checkpoint
-            )
-        elif study == "gn":
-
-            def checkpoint_gn(partial: dict) -> None:  # finished methods survive an interrupt
-                results["meta"]["seconds"] = time.perf_counter() - start
-                report.write_all({**results, "gn": partial}, out, plots=())
-
-            budget = study_gn.BUDGETS[args.mode]
-            results["gn"] = study_gn.run_gn_study(
-                budget, data, gn_methods, seeds, device, progress, on_method=checkpoint_gn
-            )
-        elif study == "long":
-
-            def on_run(partial: dict) -> None:  # finished runs survive an interrupt
-                results["meta"]["seconds"] = time.perf_counter() - start
-                report.write_all({**results, "long": partial}, out, plots=())
-
-            budget = study_long.budget_for(args.mode, device)
-            results["long"] = study_long.run_long_study(
                 budget,
                 data,
+                methods,
+                seeds,
+                device,
+                progress,
+                on_method=save_partial("lr", plots=("lr",)),
+            )
+        elif study == "gn":
+            budget = study_gn.BUDGETS[args.mode]
+            results["gn"] = study_gn.run_gn_study(
+                budget, data, gn_methods, seeds, device, progress, on_method=save_partial("gn")
+            )
+        elif study == "long":
+            results["long"] = study_long.run_long_study(
+                study_long.budget_for(args.mode, device),
+                data,
                 long_methods,
-                seeds if args.seeds is not None else budget["seeds"],
+                long_seeds,
                 device,
                 progress,
                 jobs=args.jobs,
                 threads=args.threads or 1,
-                on_run=on_run,
+                on_run=save_partial("long"),
             )
             print("\n".join(report.long_time_lines(results["long"])), flush=True)
         elif study == "B":

@@ -52,12 +52,12 @@ def merge_results(runs: list[dict]) -> dict:
                 merged[study] = merge_study_a(merged[study], value)
             elif study == "lr" and "lr" in merged:
                 merged["lr"] = merge_lr(merged["lr"], value)
-            elif study == "long" and "long" in merged:
-                merged["long"] = merge_long(merged["long"], value)
+            elif study == "long":  # summaries recomputed from the logs, by this code
+                merged["long"] = (
+                    merge_long(merged["long"], value) if "long" in merged else resummarize(value)
+                )
             elif study != "meta":
                 merged[study] = value
-    if "long" in merged:
-        resummarize(merged["long"])
     meta = dict(runs[0].get("meta", {}))
     meta["studies"] = [s for s in STUDY_ORDER if s in merged]
     if isinstance(merged.get("A"), dict) and "seeds" in merged["A"]:

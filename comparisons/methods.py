@@ -404,16 +404,21 @@ def normalise_rows_(model: nn.Module, names: list[str]) -> None:
     """
     for name in names:
         weight = current_weight(model, name)
-        rows = _rows_of(weight)
-        rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True))
-        if rows.data_ptr() != weight.data_ptr():  # a non-contiguous weight: write back
-            weight.copy_(rows.reshape(weight.shape))
+        _unit_points_(weight, weight.shape[0])
+
+
+def _unit_points_(weight: torch.Tensor, points: int) -> None:
+    """Each block ``weight.reshape(points, -1)[k]`` divided by its norm, in place."""
+    flat = weight.reshape(points, -1)
+    flat.div_(torch.linalg.vector_norm(flat, dim=1, keepdim=True))
+    if flat.data_ptr() != weight.data_ptr():  # a non-contiguous weight: write back
+        weight.copy_(flat.reshape(weight.shape))
 
 
 def to_sphere(model: nn.Module, names: list[str], manifold: geoopt.Manifold) -> list[nn.Parameter]:
     """Store each named weight as a ``(out, n)`` ``ManifoldParameter`` on ``manifold``,
     reshaped back in the forward pass. geoopt's spheres need unit vectors: the rows are
-    normalised here explicitly, with the same arithmetic as :func:`normalise_rows_`."""
+    normalised here explicitly, by the code of :func:`normalise_rows_`."""
     params = []
     for name in names:
         module_name, attr = _split_name(name)
@@ -423,7 +428,7 @@ def to_sphere(model: nn.Module, names: list[str], manifold: geoopt.Manifold) -> 
         holder = module.parametrizations[attr]
         # geoopt's spheres need unit vectors: normalise explicitly, as normalise_rows_ does
         rows = holder.original.detach().clone()
-        rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        _unit_points_(rows, rows.shape[0])
         holder.original = geoopt.ManifoldParameter(rows, manifold=manifold)
         params.append(holder.original)
     return params
@@ -482,10 +487,7 @@ def normalise_points_(model: nn.Module, names: list[str]) -> None:
         points = manifold_points(param)
         if points == 0:
             raise ValueError(f"normalise_points_: {name!r} is not on a manifold")
-        flat = param.reshape(points, -1)
-        flat.div_(torch.linalg.vector_norm(flat, dim=1, keepdim=True))
-        if flat.data_ptr() != param.data_ptr():  # a non-contiguous weight: write back
-            param.copy_(flat.reshape(param.shape))
+        _unit_points_(param, points)
 
 
 def on_manifold(model: nn.Module, names: list[str]) -> dict[str, Any]:

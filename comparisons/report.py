@@ -42,6 +42,25 @@ def _sci(x: float | None) -> str:
     return NONE if x is None else f"{x:.1e}"
 
 
+def _spread(summary: dict, key: str, digits: int = 2) -> str:
+    """``median (min–max)`` of ``summary[key + "_median" / "_min" / "_max"]``.
+
+    >>> _spread({"e_median": 9.5, "e_min": 9.25, "e_max": 10.0}, "e")
+    '9.50 (9.25–10.00)'
+    """
+    lo, mid, hi = (summary[f"{key}_{part}"] for part in ("min", "median", "max"))
+    return f"{mid:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def _budget_sentence(cfg: dict, drops: list[int], seeds: list[int]) -> str:
+    """One model's data, epochs, batch, LR drops and seeds (study A and the gn study)."""
+    return (
+        f"{cfg['train']} training / {cfg['test']} test images, {cfg['epochs']} epochs, "
+        f"batch {cfg.get('batch_size', 128)}, LR x0.2 at epochs {drops} (0-based), "
+        f"seeds {seeds}."
+    )
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -99,10 +118,9 @@ def study_a_markdown(result: dict) -> list[str]:
         lines += [
             f"### {key}: {_model_name(cfg['model'])}",
             "",
-            f"{cfg['train']} training / {cfg['test']} test images, {cfg['epochs']} epochs, "
-            f"batch {cfg.get('batch_size', 128)}, LR x0.2 at epochs {model['drops']} "
-            f"(0-based), seeds {result['seeds']}. Baseline for 'epochs to reach': "
-            f"{model['baseline_method']} at {model['baseline_error']:.2f}% test error.",
+            _budget_sentence(cfg, model["drops"], result["seeds"])
+            + f" Baseline for 'epochs to reach': {model['baseline_method']} at "
+            f"{model['baseline_error']:.2f}% test error.",
             "",
         ]
         header = [
@@ -121,8 +139,7 @@ def study_a_markdown(result: dict) -> list[str]:
                 [
                     label,
                     _lrs(entry["lrs"]),
-                    f"{s['test_error_median']:.2f} ({s['test_error_min']:.2f}–"
-                    f"{s['test_error_max']:.2f})",
+                    _spread(s, "test_error"),
                     f"{s['train_loss_median']:.4f}",
                     NONE if s["epochs_to_baseline"] is None else str(s["epochs_to_baseline"]),
                     _num(s["seconds_per_epoch"], 1),
@@ -163,9 +180,7 @@ def gn_markdown(result: dict) -> list[str]:
         lines += [
             f"### {key}: {_model_name(cfg['model'])}",
             "",
-            f"{cfg['train']} training / {cfg['test']} test images, {cfg['epochs']} epochs, "
-            f"batch {cfg.get('batch_size', 128)}, LR x0.2 at epochs {model['drops']} "
-            f"(0-based), seeds {result['seeds']}.",
+            _budget_sentence(cfg, model["drops"], result["seeds"]),
             "",
         ]
         empty = [
@@ -198,8 +213,7 @@ def gn_markdown(result: dict) -> list[str]:
                     label,
                     _lrs(entry["lrs"]),
                     _on_manifold(entry),
-                    f"{s['test_error_median']:.2f} ({s['test_error_min']:.2f}–"
-                    f"{s['test_error_max']:.2f})",
+                    _spread(s, "test_error"),
                     f"{s['train_loss_median']:.4f}",
                     _num(s["seconds_per_epoch"], 1),
                 ]
@@ -231,8 +245,7 @@ def sweep_markdown(result: dict) -> list[str]:
                 _lrs(e["chosen"]),
                 str(len(e["grid"])),
                 f"{e['val_error']:.2f}",
-                f"{e['test_error_median']:.2f} ({e['test_error_min']:.2f}–"
-                f"{e['test_error_max']:.2f})",
+                _spread(e, "test_error"),
             ]
         )
     return lines + _table(header, rows) + [""]
@@ -294,8 +307,7 @@ def lr_markdown(result: dict) -> list[str]:
                 f"{_x(xs[0])}–{_x(xs[-1])} ({len(xs)})",
                 _x(e["chosen_x"]) + (" (edge)" if e["edge"] else ""),
                 f"{e['val_error']:.2f}",
-                f"{e['test_error_median']:.2f} ({e['test_error_min']:.2f}–"
-                f"{e['test_error_max']:.2f})",
+                _spread(e, "test_error"),
                 ("≥ " if open_ else "") + f"{e['basin_decades']:.2f}",
                 f"{_x(b['lo'])}–{_x(b['hi'])}",
                 ("≥ " if wide["open_lo"] or wide["open_hi"] else "") + f"{wide['decades']:.2f}",
@@ -403,10 +415,8 @@ def long_markdown(result: dict) -> list[str]:
             [
                 label,
                 _lrs(entry["lrs"]),
-                f"{s['test_error_median']:.2f} ({s['test_error_min']:.2f}–"
-                f"{s['test_error_max']:.2f}){diverged}",
-                f"{s['final_train_loss_median']:.4f} ({s['final_train_loss_min']:.4f}–"
-                f"{s['final_train_loss_max']:.4f})",
+                _spread(s, "test_error") + diverged,
+                _spread(s, "final_train_loss", 4),
                 NONE if s["epochs_to_baseline"] is None else str(s["epochs_to_baseline"]),
                 " / ".join(_num(d["loss_decrease_pct"], 1) for d in s["drops"]),
                 " / ".join(_num(d.get("phase_decrease_pct"), 1) for d in s["drops"]),

@@ -363,32 +363,9 @@ def _result(
 
 
 def resummarize(out: dict) -> dict:
-    """Recompute every summary of a long-study result from its runs' logs (after merging
-    runs, or with a newer version of the measures); returns ``out``, changed in place."""
-    _summarize(out)
-    return out
-
-
-def merge_long(a: dict, b: dict) -> dict:
-    """The long study with the seeds of ``a`` and ``b`` when both ran the same budget and
-    methods with disjoint seeds (runs concatenated, summaries recomputed), else ``b``."""
-    same = (
-        a.get("config") == b.get("config")
-        and a.get("drops") == b.get("drops")
-        and set(a["methods"]) == set(b["methods"])
-        and not set(a["seeds"]) & set(b["seeds"])
-    )
-    if not same:
-        return b
-    out = {**a, "seeds": sorted([*a["seeds"], *b["seeds"]]), "methods": {}}
-    for label, entry in a["methods"].items():
-        out["methods"][label] = {**entry, "runs": entry["runs"] + b["methods"][label]["runs"]}
-    out["seconds"] = a.get("seconds", 0.0) + b.get("seconds", 0.0)
-    out["cpu_seconds"] = a.get("cpu_seconds", 0.0) + b.get("cpu_seconds", 0.0)
-    return resummarize(out)
-
-
-def _summarize(out: dict) -> None:
+    """Recompute every summary of a long-study result from its runs' logs (after each run,
+    after merging runs, or with a newer version of the measures); returns ``out``, changed
+    in place."""
     by_key = {v["key"]: v for v in out["methods"].values()}
     base = by_key.get("sgd")
     base_error = None
@@ -400,6 +377,26 @@ def _summarize(out: dict) -> None:
     for entry in out["methods"].values():
         entry["runs"].sort(key=lambda r: r["seed"])
         entry["summary"] = summarize_method(entry["runs"], base_error, out["drops"], out["config"])
+    return out
+
+
+def merge_long(a: dict, b: dict) -> dict:
+    """The long study with the seeds of ``a`` and ``b`` when both ran the same budget and
+    methods with disjoint seeds (runs concatenated), else ``b``; summaries recomputed."""
+    same = (
+        a.get("config") == b.get("config")
+        and a.get("drops") == b.get("drops")
+        and set(a["methods"]) == set(b["methods"])
+        and not set(a["seeds"]) & set(b["seeds"])
+    )
+    if not same:
+        return resummarize(b)
+    out = {**a, "seeds": sorted([*a["seeds"], *b["seeds"]]), "methods": {}}
+    for label, entry in a["methods"].items():
+        out["methods"][label] = {**entry, "runs": entry["runs"] + b["methods"][label]["runs"]}
+    out["seconds"] = a.get("seconds", 0.0) + b.get("seconds", 0.0)
+    out["cpu_seconds"] = a.get("cpu_seconds", 0.0) + b.get("cpu_seconds", 0.0)
+    return resummarize(out)
 
 
 def run_long_study(
@@ -442,7 +439,7 @@ def run_long_study(
         child_cpu += run.get("cpu_seconds", 0.0) if jobs > 1 else 0.0
         out["seconds"] = time.perf_counter() - start
         out["cpu_seconds"] = time.process_time() - cpu_start + child_cpu
-        _summarize(out)
+        resummarize(out)  # every summary current after each run
         bar.update(1)
         if on_run is not None:
             on_run(out)
@@ -460,5 +457,4 @@ def run_long_study(
             for future in as_completed(futures):
                 finish(future.result())
     bar.close()
-    _summarize(out)
     return out
