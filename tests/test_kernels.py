@@ -609,12 +609,34 @@ def test_thread_count_does_not_change_results(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("bad_rows", [(), (0,), (1, 6), (3, 4, 5), (6,), tuple(range(7))])
 def test_c_blocks_and_bad_rows_anywhere(monkeypatch, threads, bad_rows):
-    """Rows are split in blocks over threads and pipelined inside a block (the sweep that
-    writes row i reads row i+1): every block boundary and bad-row position agrees with
+    """Rows are split in blocks over threads and in chunks inside a block (pass 1 over a
+    chunk's rows, then pass 2): every block boundary and bad-row position agrees with
     the torch path, bad rows stay untouched and are reported."""
+    _c_against_torch(monkeypatch, threads, bad_rows, (7, 5, 2, 2))
+
+
+@needs_c
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("shape", "bad_rows"),
+    [
+        ((600, 1, 1, 3), ()),  # rows of 3: chunks of 256 rows
+        ((600, 1, 1, 3), (0, 255, 256, 511, 599)),  # bad rows at the chunks' edges
+        ((3, 2, 100, 100), (1,)),  # rows of 20,000 (> 16,384): chunks of one row
+    ],
+)
+def test_c_chunks_inside_a_block(monkeypatch, threads, shape, bad_rows):
+    """The C kernel's chunks (at most 16,384 elements or 256 rows, _rows_impl.h) cut
+    short rows into several chunks and give a long row a chunk of its own: same results
+    as the torch path on every row, bad rows untouched and reported."""
+    _c_against_torch(monkeypatch, threads, bad_rows, shape)
+
+
+def _c_against_torch(monkeypatch, threads, bad_rows, shape):
     monkeypatch.setattr(_fused, "PARALLEL_MIN_NUMEL", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    y, g, m, v = random_state(18, shape=(7, 5, 2, 2))
+    y, g, m, v = random_state(18, shape=shape)
+    rows = shape[0]
     v = v.flatten()
     for r in bad_rows:
         y[r] = 0.0 if r % 2 else math.nan
@@ -632,7 +654,7 @@ def test_c_blocks_and_bad_rows_anywhere(monkeypatch, threads, bad_rows):
             else:
                 call(ndim=NDIM, backend=backend)
         out[backend] = (ys, ts, ms, vs)
-    good = [r for r in range(7) if r not in bad_rows]
+    good = [r for r in range(rows) if r not in bad_rows]
     for a, b, before in zip(out["c"], out["torch"], (y, m, m, v), strict=True):
         assert _err(a[good], b[good]) < 1e-12 if good else True
         for r in bad_rows:

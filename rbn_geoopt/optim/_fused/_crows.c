@@ -234,7 +234,7 @@ static int select_isa(const char *name)
 
 /* Rows per block: blocks of about 2^15 elements (a few hundred KiB of y, g, mom) are
  * handed out dynamically, so that a thread that the OS pauses (a busy machine) delays
- * one block, not half of the tensor. Inside a block the rows are pipelined. */
+ * one block, not half of the tensor. Inside a block, step_rows runs its chunks. */
 #define BLOCK_ELEMS ((int64_t)1 << 15)
 
 /* One tensor to step: `rows` contiguous rows of length n; mom may be NULL (SGD-G without
