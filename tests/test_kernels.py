@@ -795,6 +795,28 @@ def test_check_rows_finds_the_first_bad_point_and_gradient(backend, dtype, monke
         assert got[0] == expected[0] and (which == "point" or got[1] == row), (row, got)
 
 
+@needs_c
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(301, 1, 1, 7), (1, 1, 1, 9), (5, 2, 1, 8)])
+def test_c_guard_sweeps_pairs_of_rows(monkeypatch, threads, shape):
+    """The C sweep reads row i together with row i + half of its block and an odd last row
+    as its two halves (plus its last entry when the row is odd): a bad entry anywhere --
+    either row of a pair, either half, the odd tail -- is found at its row."""
+    monkeypatch.setattr(_fused, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    y, g, _, _ = random_state(33, shape=shape)
+    rows, n = shape[0], math.prod(shape[1:])
+    assert _fused.check_rows([y], [g], [n], "c") == [(-1, -1)]
+    for row in sorted({0, rows // 2, rows - 2, rows - 1} - {-1}):
+        for col in sorted({0, n // 2 - 1, n // 2, n - 1}):
+            gb = g.clone()
+            gb.view(rows, n)[row, col] = math.nan
+            yb = y.clone()
+            yb.view(rows, n)[row, col] = math.inf
+            assert _fused.check_rows([y], [gb], [n], "c") == [(-1, row)], (row, col)
+            assert _fused.check_rows([yb], [g], [n], "c")[0][0] == row, (row, col)
+
+
 def _isa_available(crows, name):
     current = crows.isa()
     try:
