@@ -1,6 +1,7 @@
 r"""The optimizer-step benchmark: every measure of the step's speed in one run.
 
-``python -m comparisons.bench [--repeats 30] [--quick] [--ops] [--device cuda]`` prints
+``python -m comparisons.bench [--repeats 30] [--runs 3] [--quick] [--parts] [--ops]
+[--device cuda]`` prints
 
 1. **Python calls** per ``step()`` on one ``Grassmann1`` parameter (counted with
    ``sys.setprofile``, Python-level calls only), for SGDG and AdamG, beside torch's
@@ -10,6 +11,17 @@ r"""The optimizer-step benchmark: every measure of the step's speed in one run.
 3. **ResNet-18's conv weights** (20 tensors, 11.2M parameters), two threads: the same
    ratios, and the speed-up over geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on
    ``SphereExact`` (the rows of each weight as points).
+
+Each of measures 2 and 3 is taken ``--runs`` times (fresh optimizers each time) and printed
+per run and as ``median (min-max)`` over the runs: on a shared machine the spread between
+runs is larger than many changes worth measuring.
+
+``--parts`` prints only where the time of one ``SGDG.step()`` on ResNet-18's conv weights
+goes (two threads): the guard's C sweep alone and the fused C kernel alone, called on the
+optimizer's own tensors and timed in the same rounds as ``SGDG.step()`` and torch's
+``SGD(momentum, foreach)``; what the step costs beyond their sum is Python. The sweep
+reads the points and gradients (2 tensor passes), the kernel reads points, gradients and
+momenta and writes points and momenta (5); torch's momentum SGD moves 8.
 
 ``--ops`` prints only measure 4, the **top-level aten ops per tensor per step** on
 ResNet-18's conv weights (width 8: the count depends on the shapes' structure, not their
@@ -32,6 +44,7 @@ device check instead (:mod:`comparisons.bench_gpu`).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -162,23 +175,88 @@ def step_ratios(
     return med, ratios
 
 
-def _print_table(title: str, med: dict[str, float], ratios: dict[str, float]) -> None:
+def step_parts(threads: int, rounds: int) -> dict[str, float]:
+    """Median seconds of torch's momentum SGD step, ``SGDG.step()``, and the two C calls
+    of that step alone (the guard's sweep, the fused kernel) on the optimizer's own
+    ResNet-18 conv weights, timed in the same rounds (``--parts``)."""
+    from rbn_geoopt.optim import _fused
+
+    crows = _fused._crows
+    if crows is None:
+        raise RuntimeError("--parts times the C extension, which is not built here")
+    shapes = resnet18_conv_shapes()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = _ours(SGDG, shapes, momentum=MOMENTUM)
+        ours.step()  # creates the momentum buffers
+        params = ours.param_groups[0]["params"]
+        ys = [p.detach() for p in params]
+        gs = [p.grad for p in params]
+        taus = [ours.state[p]["momentum_buffer"] for p in params]
+        ns = [y[0].numel() for y in ys]
+        lo2, hi2, glim2 = _fused.limits(torch.float32)
+        sweep = [(y.data_ptr(), g.data_ptr(), len(y), n, lo2, hi2, glim2)
+                 for y, g, n in zip(ys, gs, ns, strict=True)]  # fmt: skip
+        kernel = [(y.data_ptr(), g.data_ptr(), t.data_ptr(), len(y), n)
+                  for y, g, t, n in zip(ys, gs, taus, ns, strict=True)]  # fmt: skip
+        snap = _fused.torch_twin.snap(torch.float32)
+        methods = {
+            "torch SGD": _torch(torch.optim.SGD, shapes, momentum=MOMENTUM).step,
+            "SGDG.step()": ours.step,
+            "guard sweep (C)": lambda: crows.check_rows(sweep, 0, threads),
+            "kernel (C)": lambda: crows.sgdg_many(kernel, 0, LR, MOMENTUM, math.inf, snap, threads),
+        }
+        times = interleaved(methods, warmup=2, rounds=rounds)
+    finally:
+        torch.set_num_threads(before)
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}x"
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def _print_table(title: str, meds: list[dict[str, float]], ratios: list[dict[str, float]]):
+    """One column per run, then the median (min-max) of the ratios over the runs."""
     print(f"\n{title}")
-    for label, sec in med.items():
-        print(f"  {label:24s} {1e3 * sec:9.3f} ms")
-    for label, value in ratios.items():
-        print(f"  {label:32s} {value:6.2f}x")
+    for label in meds[0]:
+        cells = " ".join(f"{1e3 * med[label]:9.3f}" for med in meds)
+        print(f"  {label:24s} {cells} ms")
+    for label in ratios[0]:
+        cells = " ".join(f"{r[label]:6.2f}x" for r in ratios)
+        summary = _spread([r[label] for r in ratios]) if len(ratios) > 1 else ""
+        print(f"  {label:32s} {cells}   {summary}")
+
+
+def _runs(shapes, threads: int, rounds: int, runs: int, with_geoopt: bool, title: str):
+    """``--runs`` repetitions of :func:`step_ratios`, printed; the median ratios."""
+    meds, ratios = [], []
+    for _ in range(runs):
+        med, ratio = step_ratios(shapes, threads, rounds, with_geoopt)
+        meds.append(med)
+        ratios.append(ratio)
+    _print_table(title, meds, ratios)
+    return {label: statistics.median(r[label] for r in ratios) for label in ratios[0]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measure")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions of each timed measure")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no ResNet")
     parser.add_argument(
         "--ops", action="store_true", help="only the top-level aten ops per tensor per step"
     )
+    parser.add_argument(
+        "--parts", action="store_true", help="only where SGDG.step()'s time goes (ResNet-18)"
+    )
     parser.add_argument("--device", default="cpu", help="cuda: the device check instead")
     args = parser.parse_args(argv)
+    if args.runs < 1 or args.repeats < 1:
+        parser.error("--runs and --repeats must be at least 1")
     if args.ops:
         ops = op_counts(resnet18_conv_shapes(width=8))
         print("Top-level aten ops per tensor per step, ResNet-18's 20 conv weights:")
@@ -186,22 +264,28 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             print(f"  {label:28s} {count:7.2f}")
         return {"aten_ops": ops}
     rounds = 3 if args.quick else args.repeats
+    if args.parts:
+        med = step_parts(threads=2, rounds=rounds)
+        print("One SGDG.step() on ResNet-18's conv weights, 2 threads (ratio to torch SGD):")
+        for label, sec in med.items():
+            print(f"  {label:18s} {1e3 * sec:8.3f} ms  {sec / med['torch SGD']:5.2f}x")
+        rest = med["SGDG.step()"] - med["guard sweep (C)"] - med["kernel (C)"]
+        print(f"  {'rest (Python)':18s} {1e3 * rest:8.3f} ms  {rest / med['torch SGD']:5.2f}x")
+        return {"parts": med}
     if args.device != "cpu":
         if args.device != "cuda":
             parser.error("--device must be cpu or cuda")
         return {"cuda": cuda_check(rounds)}
+    runs = 1 if args.quick else args.runs
     out: dict[str, object] = {"python_calls": python_calls()}
     print("Python calls per step() on one (64, 32, 3, 3) parameter:")
     for label, calls in out["python_calls"].items():
         print(f"  {label:12s} {calls:5d}")
-    med, ratios = step_ratios(SMALL, threads=1, rounds=rounds * 4, with_geoopt=False)
-    out["small"] = ratios
-    _print_table("20 conv weights (16, 8, 3, 3), 1 thread:", med, ratios)
+    title = "20 conv weights (16, 8, 3, 3), 1 thread:"
+    out["small"] = _runs(SMALL, 1, rounds * 4, runs, False, title)
     if not args.quick:
-        shapes = resnet18_conv_shapes()
-        med, ratios = step_ratios(shapes, threads=2, rounds=rounds)
-        out["resnet18"] = ratios
-        _print_table("ResNet-18 conv weights (11.2M parameters), 2 threads:", med, ratios)
+        title = "ResNet-18 conv weights (11.2M parameters), 2 threads:"
+        out["resnet18"] = _runs(resnet18_conv_shapes(), 2, rounds, runs, True, title)
     return out
 
 

@@ -705,6 +705,19 @@ def test_step_benchmark_smoke_and_python_call_budget():
     assert all(ratio > 0 for ratio in out["small"].values())
 
 
+def test_step_benchmark_parts_smoke():
+    """``--parts`` times the guard's sweep and the kernel of one SGDG.step() alone (no
+    timing is asserted beyond what must hold): each part is positive."""
+    from comparisons import bench
+    from rbn_geoopt.optim import _fused
+
+    if _fused._crows is None:
+        pytest.skip("--parts times the C extension, not built here")
+    parts = bench.main(["--parts", "--repeats", "1"])["parts"]
+    assert set(parts) == {"torch SGD", "SGDG.step()", "guard sweep (C)", "kernel (C)"}
+    assert all(seconds > 0 for seconds in parts.values())
+
+
 # ---------------------------------------------------------------- the peers: SGDP, AdamP, AdamW
 def test_peer_methods_are_built_with_their_published_values():
     """Each peer is its package's optimizer, one group over every parameter, with the values
