@@ -141,6 +141,47 @@ def test_block_cap_splits_blocks_and_changes_no_bit(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+def test_block_cap_cuts_large_tensors_into_row_pieces(monkeypatch):
+    """A tensor above the cap is stepped and swept as views of whole rows: a conv weight
+    (10, 3, 2, 2) in pieces of 3 dim-0 slices, a block weight (12, 16) with 4 points of 48
+    elements in threes of slices (one point each), Adam-G's per-row second moments cut
+    alike; every tensor steps exactly as uncapped, and the guard's sweep names a bad row in
+    any piece by its row in the whole tensor."""
+    gen = torch.Generator().manual_seed(7)
+    shapes, ns = [(10, 3, 2, 2), (12, 16), (3, 5)], [12, 48, 5]
+    vshapes = [(10, 1, 1, 1), (4, 1), (3, 1)]
+    ys = [torch.randn(s, dtype=F64, generator=gen) for s in shapes]
+    gs = [1e-1 * torch.randn(s, dtype=F64, generator=gen) for s in shapes]
+    monkeypatch.setitem(torch_twin.BLOCK_CAP, "cpu", 40)
+    cut, cut_ns, (cut_gs,), (cut_vs,), _, origin = torch_twin._pieces(
+        ys, ns, alike=(gs,), per_row=([torch.zeros(v) for v in vshapes],)
+    )
+    assert [tuple(t.shape) for t in cut] == [(3, 3, 2, 2)] * 3 + [(1, 3, 2, 2)] + [(3, 16)] * 4 + [
+        (3, 5)
+    ]
+    assert origin == [(0, 0), (0, 3), (0, 6), (0, 9), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
+    assert all(
+        p.untyped_storage().data_ptr() == ys[0].untyped_storage().data_ptr() for p in cut[:4]
+    )
+    assert [v.numel() for v in cut_vs] == [3, 3, 3, 1, 1, 1, 1, 1, 3] and cut_ns[4] == 48
+    runs = []
+    for cap in (40, 1 << 20):
+        monkeypatch.setitem(torch_twin.BLOCK_CAP, "cpu", cap)
+        y, g = [t.clone() for t in ys], [t.clone() for t in gs]
+        m = [torch.zeros_like(t) for t in ys]
+        v = [torch.zeros(s, dtype=F64) for s in vshapes]
+        torch_twin.sgdg_many_(y, g, m, ns, lr=0.3, momentum=0.9)
+        torch_twin.adamg_many_(y, g, m, v, ns, [0.1, 0.2, 0.1], **ADAM)
+        torch_twin.sgdg_many_(y, g, [None] * 3, ns, lr=0.3, momentum=0.0)
+        stepped = [t.clone() for t in y + m + v]
+        g[0][9, 1, 0, 1] = math.inf  # last piece of the conv weight
+        y[1][7, 3] = math.nan  # point 2 (slices 6-8 of the block weight): its third piece
+        verdicts = torch_twin.first_bad_rows(y, g, ns, _fused.limits)
+        runs.append((stepped, verdicts))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True))
+    assert runs[0][1] == runs[1][1] == [(-1, 9), (2, 2), (-1, -1)]  # a NaN point fails both
+
+
 @pytest.mark.skipif(_fused._crows is None, reason="C extension not built")
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_batched_equals_the_c_kernel(dtype):

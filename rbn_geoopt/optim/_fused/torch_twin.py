@@ -38,7 +38,8 @@ block plus one ``torch._foreach_copy_`` per family write them back in place (str
 tensors included). On ResNet-18's 20 conv weights a step of SGDG / AdamG, guard included,
 issues 10.8 / 13.9 top-level aten ops per tensor (was ~150); a block's temporaries are
 about 10 times its size, so a block is closed before it exceeds :data:`BLOCK_CAP` elements
-(docs/design.md, "The fused kernels").
+and a larger tensor is cut into views of consecutive rows that fit (docs/design.md, "The
+fused kernels").
 
 The optimizers' step guard has refused zero, non-finite and out-of-range rows before this
 runs; a row whose ``<y, y>`` is not positive and finite or whose gradient is not finite is
@@ -85,8 +86,64 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 #: temporaries are about 10 times its size: on CPU a cap of 2^20 elements keeps every one
 #: of them under glibc's 32 MB threshold above which each allocation is mapped afresh (and
 #: page-faulted) every step; on a GPU 2^23 bounds them to about 10 x 32 MiB in float32.
-#: A tensor larger than the cap is a block of its own.
+#: A tensor larger than the cap is cut into pieces of whole rows (:func:`_pieces`).
 BLOCK_CAP = {"cpu": 1 << 20, "cuda": 1 << 23}
+
+
+def _cap(t: torch.Tensor) -> int:
+    return BLOCK_CAP.get(t.device.type, BLOCK_CAP["cuda"])
+
+
+def _piece_slices(y: torch.Tensor, n: int, per_row: Sequence[torch.Tensor]) -> int | None:
+    """Slices along dim 0 per piece when ``y`` (rows of ``n`` elements) is larger than
+    :data:`BLOCK_CAP` and can be cut into views of whole rows of at most that size (at
+    least one row each), or None. A piece is ``step`` dim-0 slices, a multiple of
+    ``n / gcd(inner, n)`` (``inner`` elements per slice) so that it holds whole rows; every
+    tensor of ``per_row`` (one value per row) must be viewable as a vector to be cut."""
+    cap = _cap(y)
+    if y.numel() <= cap or y.dim() == 0 or n <= 0:
+        return None
+    inner = y.numel() // y.shape[0]
+    unit = n // math.gcd(inner, n)
+    step = max(unit, cap // inner // unit * unit)
+    if step >= y.shape[0] or any(v is not None and not v.is_contiguous() for v in per_row):
+        return None
+    return step
+
+
+def _pieces(ys, ns, alike=(), per_row=(), repeat=()):
+    """The inputs of a batched call with every tensor larger than :data:`BLOCK_CAP` replaced
+    by views of its consecutive rows (:func:`_piece_slices`), so that no block outgrows the
+    cap: ``ys`` and each list of ``alike`` are cut along dim 0, each list of ``per_row``
+    (one value per row) as a vector, each list of ``repeat`` repeats its entry. Returns
+    ``(ys, ns, alike, per_row, repeat, origin)``, ``origin[k] = (i, first row)`` of piece
+    ``k``. A step writes into the views, so nothing is copied back."""
+    out_y, out_n, origin = [], [], []
+    out_alike = [[] for _ in alike]
+    out_rows = [[] for _ in per_row]
+    out_rep = [[] for _ in repeat]
+    sources, targets = (*alike, *per_row, *repeat), (*out_alike, *out_rows, *out_rep)
+    for i, (y, n) in enumerate(zip(ys, ns, strict=True)):
+        step = _piece_slices(y, n, [lst[i] for lst in per_row])
+        if step is None:
+            out_y.append(y)
+            out_n.append(n)
+            origin.append((i, 0))
+            for src, dst in zip(sources, targets, strict=True):
+                dst.append(src[i])
+            continue
+        pieces = y.split(step)
+        rows_per_piece = step * (y.numel() // y.shape[0]) // n
+        out_y += pieces
+        out_n += [n] * len(pieces)
+        origin += [(i, k * rows_per_piece) for k in range(len(pieces))]
+        for src, dst in zip(alike, out_alike, strict=True):
+            dst += [None] * len(pieces) if src[i] is None else src[i].split(step)
+        for src, dst in zip(per_row, out_rows, strict=True):
+            dst += src[i].view(-1).split(rows_per_piece)
+        for src, dst in zip(repeat, out_rep, strict=True):
+            dst += [src[i]] * len(pieces)
+    return out_y, out_n, out_alike, out_rows, out_rep, origin
 
 
 def _families(ys, ns, family, block) -> dict[tuple, dict[tuple, list[int]]]:
@@ -99,7 +156,7 @@ def _families(ys, ns, family, block) -> dict[tuple, dict[tuple, list[int]]]:
         if n == 0 or y.numel() // n == 0:
             continue
         fam, key = family(i), (y.shape[1:], n, *block(i))
-        cap = BLOCK_CAP.get(y.device.type, BLOCK_CAP["cuda"])
+        cap = _cap(y)
         chunk, size = filled.get((fam, key), (0, 0))
         if size and size + y.numel() > cap:
             chunk, size = chunk + 1, 0
@@ -300,6 +357,7 @@ def sgdg_many_(
     """One SGD-G step of every ``(ys[i], gs[i], taus[i])`` (points of G(1, ns[i]) in rows,
     ``taus[i]`` None without momentum), in place, batched (module docstring); returns
     whether some row was left unchanged."""
+    ys, ns, (gs, taus), _, _, _ = _pieces(ys, ns, alike=(gs, taus))
     fams = _families(
         ys, ns, lambda i: (ys[i].device, ys[i].dtype, gs[i].dtype, _dtype(taus[i])), _none
     )
@@ -331,6 +389,10 @@ def adamg_many_(
     """One Adam-G step of every ``(ys[i], gs[i], ms[i], vs[i])`` (``vs[i]``: one second
     moment per row, any shape) with ``step_sizes[i] = lr sqrt(1 - beta2^k) / (1 - beta1^k)``,
     in place, batched (module docstring); returns whether some row was left unchanged."""
+
+    ys, ns, (gs, ms), (vs,), (step_sizes,), _ = _pieces(
+        ys, ns, alike=(gs, ms), per_row=(vs,), repeat=(step_sizes,)
+    )
 
     def family(i):
         t = (ys[i], gs[i], ms[i], vs[i])
@@ -432,6 +494,7 @@ def first_bad_rows(
     steps: one ``cat``, product and sum per block, one test and one synchronization per
     family; a family with a bad row is then searched tensor by tensor."""
     out = [(-1, -1)] * len(ys)
+    ys, ns, (gs,), _, _, origin = _pieces(ys, ns, alike=(gs,))
     fams = _families(ys, ns, lambda i: (ys[i].device, ys[i].dtype, gs[i].dtype), _none)
     for (_, dtype, _), blocks in fams.items():
         laid = _gather(blocks, (ys, gs), lambda t: (t[0], t[1]))
@@ -445,8 +508,13 @@ def first_bad_rows(
         if bool(ok.all()):
             continue
         for idx, _ in laid:
-            for i in idx:
-                out[i] = _first_bad(ys[i], gs[i], ns[i], limits(dtype))
+            for k in idx:  # a piece: its tensor's first bad rows are the smallest found
+                i, first = origin[k]
+                found = _first_bad(ys[k], gs[k], ns[k], limits(dtype))
+                out[i] = tuple(
+                    (r + first if r >= 0 and (o < 0 or r + first < o) else o)
+                    for r, o in zip(found, out[i], strict=True)
+                )
     return out
 
 
