@@ -10,7 +10,9 @@ Counts are deterministic (a unit test asserts the Triton one).
 ``--device cuda``: the device check. Times ``SGDG.step()`` / ``AdamG.step()`` (Triton
 kernels) on ResNet-18's conv weights against torch's SGD and Adam (foreach and fused, the
 faster of each) and geoopt's ``RiemannianSGD`` / ``RiemannianAdam`` on ``SphereExact``,
-synchronising the device around every timed step, then runs the CUDA test subset
+synchronising the device around every timed step, then one whole training step of the
+ImageNet ResNet-18 (batch 128, 224x224; :data:`TRAIN_BUDGET`) with the paper recipe
+against the same step with torch's SGD / Adam, then runs the CUDA test subset
 (``tests/test_triton_kernel.py`` compiled, on CUDA tensors). Without CUDA it says so in one
 line and exits with status 2.
 """
@@ -29,10 +31,21 @@ from rbn_geoopt import SGDG, AdamG, Grassmann1
 
 from .models import resnet18_conv_shapes
 from .timing import interleaved
+from .train_step import run_train_step
 
 __all__ = ["cuda_check", "op_counts", "top_level_aten"]
 
 LR, MOMENTUM, BETAS, EPS = 0.01, 0.9, (0.9, 0.99), 1e-8
+#: the training-step measure of the device check: the ImageNet ResNet-18 (built here, random
+#: weights), one fixed batch of random images, the paper recipe against torch's SGD / Adam
+TRAIN_BUDGET = {
+    "model": {"name": "resnet18"},
+    "image": (3, 224, 224),
+    "classes": 1000,
+    "batch": 128,
+    "warmup": 3,
+    "rounds": 20,
+}
 SMALL = [(16, 8, 3, 3)] * 20
 
 
@@ -158,6 +171,13 @@ def cuda_check(rounds: int) -> dict[str, float]:
     for label, sec in med.items():
         print(f"  {label:28s} {1e3 * sec:9.3f} ms")
     for label, value in ratios.items():
+        print(f"  {label:32s} {value:6.2f}x")
+    train = run_train_step(TRAIN_BUDGET, device=device)
+    print(f"\nOne training step of ResNet-18, batch {TRAIN_BUDGET['batch']}, 224x224:")
+    for label, sec in train["median_seconds"].items():
+        print(f"  {label:28s} {1e3 * sec:9.3f} ms")
+    for label, value in train["ratios"].items():
+        ratios[f"training step, {label}"] = value
         print(f"  {label:32s} {value:6.2f}x")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

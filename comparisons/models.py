@@ -1,6 +1,7 @@
-"""The networks of the studies: a VGG-style BN-CNN, a small pre-activation ResNet, the
-conv-weight shapes of a ResNet-18 (built here, no torchvision), and for the study beyond
-BatchNorm (``--study gn``) the VGG net with GroupNorm and a tiny QK-norm transformer.
+"""The networks of the studies: a VGG-style BN-CNN, a small pre-activation ResNet, an
+ImageNet ResNet-18 and its conv-weight shapes (built here, no torchvision), and for the
+study beyond BatchNorm (``--study gn``) the VGG net with GroupNorm and a tiny QK-norm
+transformer.
 
 In the VGG net every conv feeds a BatchNorm directly, so each conv weight row is scale
 invariant (a point of G(1, n)). In the pre-activation ResNet only the first conv of each
@@ -26,6 +27,7 @@ __all__ = [
     "MODELS",
     "PreActResNet",
     "QKNormViT",
+    "ResNet18",
     "VGGNet",
     "build_model",
     "resnet18_conv_shapes",
@@ -244,8 +246,60 @@ class QKNormViT(nn.Module):
         return self.classifier(self.norm(out).mean(dim=1))
 
 
+class BasicBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, the shortcut a strided 1x1
+    conv + BN when the shape changes (He et al. 2016; torchvision's ``BasicBlock``)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """The ImageNet ResNet-18 (torchvision's layout and parameter names, built here: a
+    7x7 stride-2 stem + BN + max pool, four stages of two :class:`BasicBlock`, widths
+    ``width * (1, 2, 4, 8)``, global average pool, linear); its conv weights are
+    :func:`resnet18_conv_shapes`, each feeding a BatchNorm directly.
+
+    >>> ResNet18(width=4, n_classes=10)(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, width: int = 64, n_classes: int = 1000) -> None:
+        super().__init__()
+        if int(width) < 1:
+            raise ValueError(f"ResNet18 needs a positive width, got {width}")
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        c_in = width
+        for stage in range(4):
+            c_out, stride = width * 2**stage, 1 if stage == 0 else 2
+            blocks = [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+            c_in = c_out
+        self.fc = nn.Linear(c_in, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 MODELS = {
     "vgg": VGGNet,
+    "resnet18": ResNet18,
     "preact_resnet": PreActResNet,
     "gn_vgg": GNVGGNet,
     "qk_vit": QKNormViT,

@@ -2,8 +2,9 @@
 
 One step is ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward and
 ``step()`` on one fixed batch of random 28x28 one-channel images and random labels, for the
-VGG-style BN-CNN of study A (``models.VGGNet``). Every method trains its own deep copy of
-one initialized model (same initial weights):
+VGG-style BN-CNN of study A (``models.VGGNet``; the GPU check, :mod:`.bench_gpu`, times
+the ImageNet ``models.ResNet18`` on 224x224 images instead). Every method trains its own
+deep copy of one initialized model (same initial weights):
 
 * ``SGD (foreach)``: torch ``SGD(lr 0.01, momentum 0.9, nesterov, weight_decay 5e-4,
   foreach=True)`` on every parameter;
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import VGGNet
+from .models import build_model
 from .timing import interleaved
 
 __all__ = ["TRAIN_BASELINE_OF", "TRAIN_LABELS", "run_train_step"]
@@ -84,15 +85,17 @@ def run_train_step(
     seed: int = 0,
     tick: Callable[[], object] | None = None,
 ) -> dict:
-    """Interleaved training-step timing; ``budget``: ``widths``, ``batch``, ``warmup``,
-    ``rounds``. Returns median seconds per method and the recipe / torch ratios."""
+    """Interleaved training-step timing; ``budget``: ``batch``, ``warmup``, ``rounds`` and
+    either ``widths`` (study A's VGG on 1x28x28 images, 10 classes) or ``model`` (a
+    :func:`.models.build_model` spec) with ``image`` (C, H, W) and ``classes``. Returns
+    median seconds per method and the recipe / torch ratios."""
     device = torch.device(device)
-    widths = tuple(budget["widths"])
-    torch.manual_seed(seed)
-    base = VGGNet(widths).to(device).train()
+    spec = dict(budget.get("model") or {"name": "vgg", "widths": tuple(budget["widths"])})
+    base = build_model(spec, seed).to(device).train()
+    image = tuple(budget.get("image", (1, 28, 28)))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(budget["batch"], 1, 28, 28, generator=gen).to(device)
-    y = torch.randint(0, 10, (budget["batch"],), generator=gen).to(device)
+    x = torch.randn(budget["batch"], *image, generator=gen).to(device)
+    y = torch.randint(0, budget.get("classes", 10), (budget["batch"],), generator=gen).to(device)
     steps = {}
     for label in labels:
         model = copy.deepcopy(base)
@@ -105,7 +108,7 @@ def run_train_step(
         if label in medians and b in medians
     }
     return {
-        "model": {"name": "vgg", "widths": list(widths)},
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()},
         "n_params": sum(p.numel() for p in base.parameters()),
         "batch": budget["batch"],
         "rounds": budget["rounds"],

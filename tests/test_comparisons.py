@@ -40,7 +40,7 @@ from comparisons.methods import (
     prepare,
 )
 from comparisons.methods import hyperparameters as study_hyper
-from comparisons.models import PreActResNet, VGGNet, resnet18_conv_shapes
+from comparisons.models import PreActResNet, ResNet18, VGGNet, resnet18_conv_shapes
 from comparisons.train import angle_monitor, lr_drops, row_angles, train_run
 
 from .fake_fmnist import write_idx
@@ -407,6 +407,25 @@ def test_resnet18_conv_weights_are_11_2m_parameters():
     shapes = resnet18_conv_shapes()
     assert len(shapes) == 20
     assert sum(math.prod(s) for s in shapes) == 11_689_512 - 513_000 - 9_600
+
+
+def test_resnet18_replica_is_torchvisions_network():
+    """The device check's ResNet-18 (built here: torchvision's CUDA-only wheel does not
+    import on this CPU torch) has torchvision's parameter count, its conv weights are
+    resnet18_conv_shapes in order, and the analysis finds each of them, and nothing else,
+    feeding a BatchNorm; the training-step timing runs it."""
+    from rbn_geoopt.nn import find_scale_invariant
+
+    assert sum(p.numel() for p in ResNet18().parameters()) == 11_689_512
+    net = ResNet18(width=4, n_classes=10)
+    convs = [(n, p) for n, p in net.named_parameters() if p.dim() == 4]
+    assert [tuple(p.shape) for _, p in convs] == resnet18_conv_shapes(width=4)
+    found = find_scale_invariant(net)
+    assert sorted(n for n, f in found.items() if f.invariant) == sorted(n for n, _ in convs)
+    budget = {"model": {"name": "resnet18", "width": 4}, "image": (3, 32, 32), "classes": 10}
+    out = train_step.run_train_step({**budget, "batch": 4, "warmup": 1, "rounds": 1})
+    assert out["model"] == {"name": "resnet18", "width": 4}
+    assert set(out["ratios"]) == set(train_step.TRAIN_BASELINE_OF)
 
 
 def test_only_the_paper_weights_go_on_the_manifold():

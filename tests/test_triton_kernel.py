@@ -316,7 +316,8 @@ SM90_COMPILE = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from rbn_geoopt.optim._fused import triton_rows as tr
     assert not tr.INTERPRET
-    ptr = {"fp32": "*fp32", "fp64": "*fp64", "fp16": "*fp16"}
+    ptr = {"fp32": "*fp32", "fp64": "*fp64", "fp16": "*fp16", "bf16": "*bf16"}
+    acc = {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float32, "bf16": tl.float32}
     def build(kernel, types, consts):
         sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in kernel.arg_names}
         index = {(kernel.arg_names.index(a),): v for a, v in consts.items()}
@@ -324,11 +325,15 @@ SM90_COMPILE = textwrap.dedent(
         return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
     scalars = {a: "fp64" for a in ("lr", "gamma", "step_size", "beta1", "beta2", "eps", "nu",
                                     "snap_tol", "lo2", "hi2", "glim2")}
-    for dt, state, half, one, adam in (("fp16", "fp32", True, False, True),):
+    cases = (  # (point dtype, momentum dtype, one block per row, Adam-G, momentum)
+        ("fp16", "fp32", False, True, True), ("bf16", "fp32", True, True, True),
+        ("fp32", "fp32", True, False, True), ("fp64", "fp64", False, False, False),
+    )
+    for dt, state, one, adam, mom in cases:
         types = dict(y_ptr=ptr[dt], g_ptr=ptr[dt], m_ptr=ptr[state], v_ptr=ptr[state],
                      bad_ptr="*i64", **scalars)
-        consts = dict(ADAM=adam, MOM=True, HALF=half, ACC=tl.float32, ROWS=4, BLOCK=64,
-                      ONE_BLOCK=one)
+        consts = dict(ADAM=adam, MOM=mom, HALF=dt in ("fp16", "bf16"), ACC=acc[dt], ROWS=4,
+                      BLOCK=64, ONE_BLOCK=one)
         assert build(tr._step_rows, types, consts)
     types = dict(y_ptr="*fp64", g_ptr="*fp64", out_ptr="*i64", **scalars)
     assert build(tr._check_rows, types, dict(ACC=tl.float64, ROWS=4, BLOCK=64))
