@@ -724,6 +724,29 @@ def test_step_benchmark_smoke_and_python_call_budget():
     assert all(ratio > 0 for ratio in out["small"].values())
 
 
+def test_device_check_measures_run_on_cpu():
+    """The GPU check's timings (comparisons.bench --device cuda) on CPU with small shapes:
+    every method steps (the twin under RBN_GEOOPT_KERNELS=torch for its calls only), every
+    ratio and host time is positive, the training step runs; no timing is asserted."""
+    import os
+
+    from comparisons import bench_gpu
+    from rbn_geoopt.optim._fused import ENV_VAR
+
+    before = os.environ.get(ENV_VAR)
+    budget = {"model": {"name": "resnet18", "width": 2}, "image": (3, 32, 32), "classes": 10}
+    out = bench_gpu.device_measures(
+        "cpu", [(8, 4, 3, 3)] * 3, 1, {**budget, "batch": 2, "warmup": 1, "rounds": 1}
+    )
+    assert os.environ.get(ENV_VAR) == before
+    assert {"SGDG (torch twin)", "AdamG (torch twin)", "torch SGD (foreach)"} <= set(
+        out["median_seconds"]
+    )
+    assert set(out["host_seconds"]) == set(out["median_seconds"])
+    assert all(v > 0 for v in (*out["ratios"].values(), *out["host_seconds"].values()))
+    assert set(out["train"]["ratios"]) == set(train_step.TRAIN_BASELINE_OF)
+
+
 def test_step_benchmark_parts_smoke():
     """``--parts`` times the guard's sweep and the kernel of one SGDG.step() alone (no
     timing is asserted beyond what must hold): each part is positive."""
